@@ -1,0 +1,206 @@
+"""Shared pytest fixtures.
+
+``fake_*`` fixtures (owned by ``tests/test_data.py``) write tiny datasets in
+the real on-disk formats, so tests run offline and fast:
+
+* ``fake_fmnist_writer`` / ``fake_fmnist_root``: Fashion-MNIST IDX files
+  (gzipped), 20 train / 10 test images of 28x28 by default.
+* ``fake_cifar_writer`` / ``fake_cifar10_root`` / ``fake_cifar100_root``:
+  CIFAR python-version batches, pickled the way the official (Python 2)
+  archives are.
+* ``fake_fmnist_splits``: a loaded :class:`mesa_lib.data.DatasetSplits` of the
+  fake Fashion-MNIST (20 train, 8 model, 2 eval) on the CPU.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pathlib
+import pickle
+import struct
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+FMNIST_STEMS = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in IDX format (magic 0x0000 08 ndim, big-endian sizes)."""
+    assert array.dtype == np.uint8
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
+
+
+def write_fake_fmnist(directory: pathlib.Path, n_train: int = 20, n_test: int = 10,
+                      gzipped: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write the four Fashion-MNIST IDX files into ``directory``; return the arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "test_labels": ((np.arange(n_test) * 3) % 10).astype(np.uint8),
+    }
+    # Make the extremes present so value-range checks are meaningful.
+    arrays["train_images"][0, 0, 0] = 0
+    arrays["train_images"][0, 0, 1] = 255
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, stem in FMNIST_STEMS.items():
+        payload = _idx_bytes(arrays[key])
+        if gzipped:
+            with gzip.open(directory / f"{stem}.gz", "wb") as f:
+                f.write(payload)
+        else:
+            (directory / stem).write_bytes(payload)
+    return arrays
+
+
+class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Pickles ``bytes`` as Python 2 ``str`` (protocol 2), like the CIFAR archives.
+
+    Loaded with ``encoding="latin1"`` (as torchvision does) such strings come
+    back as ``str``; with ``encoding="bytes"`` as ``bytes`` (``b"data"``).
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+
+def _py2_pickle(obj: Any, path: pathlib.Path) -> None:
+    with open(path, "wb") as f:
+        _Py2Pickler(f, protocol=2).dump(obj)
+
+
+CIFAR100_FINE = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy "
+    "bridge bus butterfly camel can castle caterpillar cattle chair chimpanzee clock "
+    "cloud cockroach couch crab crocodile cup dinosaur dolphin elephant flatfish forest "
+    "fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard "
+    "lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid "
+    "otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum "
+    "rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail "
+    "snake spider squirrel streetcar sunflower sweet_pepper table tank telephone "
+    "television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf "
+    "woman worm"
+).split()
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
+                 "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_fake_cifar(root: pathlib.Path, which: str = "cifar10", per_batch: int = 2,
+                     n_test: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write a tiny CIFAR-10/100 in the python-version layout under ``root``.
+
+    Rows of ``data`` are 3072 uint8: 1024 red, then 1024 green, then 1024 blue,
+    each plane row-major.  Returns ``{"train_data", "train_labels",
+    "test_data", "test_labels"}`` (train = batches concatenated in order).
+    """
+    rng = np.random.default_rng(seed)
+    n_classes = 10 if which == "cifar10" else 100
+    label_key = b"labels" if which == "cifar10" else b"fine_labels"
+
+    def batch(n: int, offset: int) -> tuple[dict[bytes, Any], np.ndarray, np.ndarray]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = (np.arange(offset, offset + n) * 7) % n_classes
+        d: dict[bytes, Any] = {
+            b"batch_label": b"fake batch",
+            b"data": data,
+            label_key: [int(x) for x in labels],
+            b"filenames": [f"img_{offset + i}.png".encode() for i in range(n)],
+        }
+        if which == "cifar100":
+            d[b"coarse_labels"] = [int(x) % 20 for x in labels]
+        return d, data, labels
+
+    train_data, train_labels = [], []
+    if which == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        for b in range(5):
+            d, data, labels = batch(per_batch, b * per_batch)
+            _py2_pickle(d, folder / f"data_batch_{b + 1}")
+            train_data.append(data)
+            train_labels.append(labels)
+        d, test_data, test_labels = batch(n_test, 1000)
+        _py2_pickle(d, folder / "test_batch")
+        _py2_pickle({b"num_cases_per_batch": per_batch,
+                     b"label_names": [c.encode() for c in CIFAR10_NAMES],
+                     b"num_vis": 3072}, folder / "batches.meta")
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        d, data, labels = batch(5 * per_batch, 0)
+        _py2_pickle(d, folder / "train")
+        train_data.append(data)
+        train_labels.append(labels)
+        d, test_data, test_labels = batch(n_test, 1000)
+        _py2_pickle(d, folder / "test")
+        _py2_pickle({b"fine_label_names": [c.encode() for c in CIFAR100_FINE],
+                     b"coarse_label_names": [f"coarse_{i}".encode() for i in range(20)]},
+                    folder / "meta")
+    return {
+        "train_data": np.concatenate(train_data),
+        "train_labels": np.concatenate(train_labels),
+        "test_data": test_data,
+        "test_labels": test_labels,
+    }
+
+
+@pytest.fixture
+def fake_fmnist_writer() -> Callable[..., dict[str, np.ndarray]]:
+    """The function ``write_fake_fmnist(directory, n_train=20, n_test=10, gzipped=True)``."""
+    return write_fake_fmnist
+
+
+@pytest.fixture
+def fake_cifar_writer() -> Callable[..., dict[str, np.ndarray]]:
+    """The function ``write_fake_cifar(root, which="cifar10", per_batch=2, n_test=5)``."""
+    return write_fake_cifar
+
+
+@pytest.fixture
+def fake_fmnist_root(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A directory with a tiny gzipped Fashion-MNIST (20 train, 10 test)."""
+    root = tmp_path / "fake-fmnist"
+    write_fake_fmnist(root)
+    return root
+
+
+@pytest.fixture
+def fake_cifar10_root(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A directory holding ``cifar-10-batches-py`` (10 train, 5 test images)."""
+    root = tmp_path / "fake-cifar10"
+    write_fake_cifar(root, "cifar10")
+    return root
+
+
+@pytest.fixture
+def fake_cifar100_root(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A directory holding ``cifar-100-python`` (10 train, 5 test images)."""
+    root = tmp_path / "fake-cifar100"
+    write_fake_cifar(root, "cifar100")
+    return root
+
+
+@pytest.fixture
+def fake_fmnist_splits(fake_fmnist_root: pathlib.Path):
+    """Tiny Fashion-MNIST as loaded splits on the CPU (20 train, 8 model, 2 eval)."""
+    from mesa_lib.data import load_dataset
+
+    return load_dataset("fashion-mnist", root=fake_fmnist_root, device="cpu")
