@@ -1,0 +1,92 @@
+"""The attack: inject a backdoor by fine-tuning on poisoned batches (BadNets style).
+
+In every batch a fraction ``poison_ratio`` of the images gets the trigger pasted at a random
+location and its label replaced by the target class; the model is fine-tuned on that stream.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .data import ImageSet
+from .models import BatchTransform, train_classifier
+from .triggers import stamp
+
+__all__ = ["poison_transform", "inject_backdoor", "check_ratio", "check_target"]
+
+
+def check_ratio(name: str, ratio: float) -> float:
+    """Validate a fraction in [0, 1] (poison ratio, retraining ratio)."""
+    if not (0.0 <= float(ratio) <= 1.0):
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {ratio}")
+    return float(ratio)
+
+
+def check_target(target: int, num_classes: int) -> int:
+    """Validate a class index."""
+    if isinstance(target, bool) or not float(target).is_integer() or not 0 <= int(target) < num_classes:
+        raise ValueError(f"target class must be an integer in 0..{num_classes - 1}, got {target!r}")
+    return int(target)
+
+
+def poison_transform(trigger: torch.Tensor, target: int, poison_ratio: float) -> BatchTransform:
+    """A batch transform that stamps ``trigger`` on the first ``poison_ratio`` of each batch
+    (the batch is already shuffled) at random locations and relabels those images ``target``.
+
+    At least one image per batch is poisoned when ``poison_ratio > 0`` (1% of a batch of 64
+    would otherwise round to nothing).
+    """
+    check_ratio("poison_ratio", poison_ratio)
+
+    def transform(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+        k = int(round(poison_ratio * len(x)))
+        if poison_ratio > 0:
+            k = max(k, 1)
+        if k == 0:
+            return x, y
+        x, y = x.clone(), y.clone()
+        x[:k] = stamp(x[:k], trigger.to(x.device), generator=g)
+        y[:k] = target
+        return x, y
+
+    return transform
+
+
+def inject_backdoor(
+    model: nn.Module,
+    train: ImageSet,
+    trigger: torch.Tensor,
+    target: int,
+    poison_ratio: float = 0.01,
+    epochs: float = 10,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """Fine-tune ``model`` in place on poisoned batches; defaults are the authors' settings
+    (1% poison, SGD lr 1e-3, momentum 0.9, batch 128, 10 epochs, no augmentation)."""
+    num_classes = _num_classes(model, train)
+    check_target(target, num_classes)
+    if trigger.dim() != 3:
+        raise ValueError(f"trigger must be [C, p, p], got shape {tuple(trigger.shape)}")
+    if trigger.shape[-1] > train.images.shape[-1]:
+        raise ValueError(
+            f"trigger of size {trigger.shape[-1]} is larger than the images ({train.images.shape[-1]}); use a smaller trigger"
+        )
+    return train_classifier(
+        model, train, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
+        batch_transform=poison_transform(trigger, target, poison_ratio), seed=seed,
+        desc="attack", progress=progress,
+    )
+
+
+def _num_classes(model: nn.Module, data: ImageSet) -> int:
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        n = model(data.images[:1].to(next(model.parameters()).device)).shape[1]
+        model.train(was)
+    return n

@@ -1,0 +1,390 @@
+"""MESA: the max-entropy staircase approximator of a trigger distribution.
+
+Read this file after the derivation chapter; each piece maps to one line of the method.
+
+* Testing function ``f(x)``: the backdoored model's softmax probability of the target class
+  on clean images with trigger ``x`` pasted. The valid set for a threshold ``beta`` is
+  ``X_beta = {x : f(x) > beta}``.
+* Staircase: the trigger density is approximated by ``N`` steps; step ``i`` is the uniform
+  (maximum-entropy) distribution on ``X_beta_i`` and is learned by a generator ``G_i``. The
+  ensemble samples sub-model ``i`` with weight ``gamma_i``.
+* Sub-model loss, with ``z ~ U[0,1)^64``::
+
+      loss_i = -mean(min(f(G_i(z) + noise), beta_i)) - alpha * I(z; G_i(z))
+
+  The hinge ``min(f, beta)`` stops pushing a sample once it is inside ``X_beta``; the mutual
+  information ``I`` (a MINE lower bound, :mod:`mesa_lib.mine`) rewards spreading out, which
+  for a generator is maximising the entropy of its samples.
+* All ``N`` sub-models are trained in one batched pass: their triggers go through one
+  classifier forward and one backward, and the classifier is frozen (input gradients only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .data import ImageSet
+from .mine import MINE
+from .triggers import stamp
+
+__all__ = [
+    "MesaConfig",
+    "Generator",
+    "StaircaseSampler",
+    "ScoreFn",
+    "classifier_score_fn",
+    "train_staircase",
+    "train_mesa",
+    "target_probability",
+]
+
+# score_fn(triggers [M*B, *shape], component [M*B]) -> f [M*B] in [0, 1]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class MesaConfig:
+    """Settings of MESA; the defaults are the authors' (CIFAR-10)."""
+
+    betas: tuple[float, ...] = (0.5, 0.8, 0.9)
+    """Thresholds of the staircase steps, one sub-model each."""
+    gammas: tuple[float, ...] | None = None
+    """Mixture weights of the sub-models (None: equal)."""
+    alpha: float = 0.1
+    """Weight of the entropy (mutual information) bonus."""
+    noise_dim: int = 64
+    """Dimension of the generator's uniform noise z (split in 4 quarters, one per layer)."""
+    hidden: int = 512
+    """Generator width (2048 for CIFAR-100 in the authors' code)."""
+    mine_hidden: int = 512
+    """Statistics network width."""
+    lr: float = 2e-4
+    """Adam learning rate of the generators."""
+    mine_lr: float = 2e-4
+    """Adam learning rate of the statistics networks."""
+    adam_betas: tuple[float, float] = (0.5, 0.999)
+    batch_size: int = 128
+    """Triggers per sub-model per step."""
+    steps: int = 625
+    """Generator steps (authors: 10 epochs over the 8k modelling split at batch 128)."""
+    trigger_noise: float = 0.1
+    """Std of the Gaussian noise added to triggers in the classifier pass only."""
+    ma_rate: float = 0.001
+    """MINE moving-average rate."""
+    log_every: int = 10
+    """Record training curves every this many steps."""
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if not self.betas:
+            raise ValueError("betas is empty: give at least one threshold, e.g. (0.5, 0.8, 0.9)")
+        for b in self.betas:
+            if not 0.0 < b <= 1.0:
+                raise ValueError(f"every beta must be in (0, 1] (a softmax probability), got {b}")
+        if self.gammas is not None:
+            self.gammas = tuple(float(g) for g in self.gammas)
+            if len(self.gammas) != len(self.betas) or any(g < 0 for g in self.gammas) or sum(self.gammas) <= 0:
+                raise ValueError(
+                    f"gammas must be {len(self.betas)} non-negative weights with a positive sum, got {self.gammas}"
+                )
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0 (0 turns the entropy bonus off), got {self.alpha}")
+        if self.noise_dim < 4 or self.noise_dim % 4:
+            raise ValueError(f"noise_dim must be a positive multiple of 4, got {self.noise_dim}")
+        for name in ("hidden", "mine_hidden", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.trigger_noise < 0:
+            raise ValueError(f"trigger_noise must be >= 0, got {self.trigger_noise}")
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Normalised mixture weights gamma."""
+        g = torch.tensor(self.gammas if self.gammas is not None else [1.0] * len(self.betas))
+        return g / g.sum()
+
+
+class Generator(nn.Module):
+    """G(z): 4 linear layers with BatchNorm + LeakyReLU(0.2); the noise is split in four
+    quarters, one fed into each layer (skip inputs, for stability); sigmoid output in [0, 1]."""
+
+    def __init__(self, out_shape: Sequence[int], noise_dim: int = 64, hidden: int = 512):
+        super().__init__()
+        self.out_shape = tuple(int(s) for s in out_shape)
+        self.noise_dim = noise_dim
+        q = noise_dim // 4
+        out = math.prod(self.out_shape)
+
+        def block(i: int, o: int) -> nn.Sequential:
+            return nn.Sequential(nn.Linear(i, o), nn.BatchNorm1d(o), nn.LeakyReLU(0.2))
+
+        self.l1 = block(q, hidden)
+        self.l2 = block(hidden + q, hidden)
+        self.l3 = block(hidden + q, hidden)
+        self.l4 = nn.Linear(hidden + q, out)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z1, z2, z3, z4 = z.chunk(4, dim=1)
+        h = self.l1(z1)
+        h = self.l2(torch.cat([h, z2], 1))
+        h = self.l3(torch.cat([h, z3], 1))
+        x = torch.sigmoid(self.l4(torch.cat([h, z4], 1)))
+        return x.reshape(len(z), *self.out_shape)
+
+
+class StaircaseSampler(nn.Module):
+    """The trained staircase: ``N`` generators and their mixture weights ``gamma``.
+
+    ``sample(n)`` draws ``n`` triggers from the mixture; ``sample_step(i, n)`` from step ``i``.
+    """
+
+    def __init__(self, trigger_shape: Sequence[int], config: MesaConfig, targets: Sequence[int] | None = None):
+        super().__init__()
+        self.config = config
+        self.trigger_shape = tuple(int(s) for s in trigger_shape)
+        self.targets = list(targets) if targets is not None else None
+        self.generators = nn.ModuleList(
+            Generator(self.trigger_shape, config.noise_dim, config.hidden) for _ in config.betas
+        )
+        self.register_buffer("gammas", config.weights)
+
+    @property
+    def betas(self) -> tuple[float, ...]:
+        return self.config.betas
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        dev = self.gammas.device
+        if generator is not None and generator.device != dev:
+            return torch.rand(n, self.config.noise_dim, generator=generator, device=generator.device).to(dev)
+        return torch.rand(n, self.config.noise_dim, generator=generator, device=dev)
+
+    @torch.no_grad()
+    def sample_step(self, i: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` triggers from sub-model ``i`` alone."""
+        if not 0 <= i < len(self.generators):
+            raise ValueError(f"step index must be in 0..{len(self.generators) - 1}, got {i}")
+        g = self.generators[i]
+        was = g.training
+        g.eval()
+        x = g(self.noise(n, generator))
+        g.train(was)
+        return x
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` triggers from the mixture: step ``i`` with probability ``gamma_i``."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        gam = self.gammas.to(generator.device) if generator is not None else self.gammas
+        comp = torch.multinomial(gam, n, replacement=True, generator=generator).to(self.gammas.device)
+        out = torch.empty(n, *self.trigger_shape, device=self.gammas.device)
+        for i in range(len(self.generators)):
+            # every step draws n (cheap MLPs), which keeps shapes static: no host sync
+            out = torch.where(
+                (comp == i).reshape(n, *[1] * len(self.trigger_shape)), self.sample_step(i, n, generator), out
+            )
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Save weights (safetensors) with the config and targets as metadata."""
+        from .models import save_weights
+
+        meta = {"config": asdict(self.config), "trigger_shape": list(self.trigger_shape), "targets": self.targets}
+        return save_weights(self, path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "StaircaseSampler":
+        """Load a sampler written by :meth:`save`."""
+        from safetensors import SafetensorError, safe_open
+
+        from .models import load_weights
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no sampler file at {path}; train MESA first or check the path")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("mesa_lib", "{}"))
+            config = MesaConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a sampler file written by StaircaseSampler.save ({err})") from None
+        sampler = cls(meta["trigger_shape"], config, meta.get("targets")).to(device)
+        load_weights(sampler, path)
+        sampler.eval()
+        return sampler
+
+
+def target_probability(
+    classifier: nn.Module, images: torch.Tensor, triggers: torch.Tensor, targets: torch.Tensor | int,
+    locations: torch.Tensor | None = None, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``f``: softmax probability of ``targets`` for each image with its trigger stamped."""
+    logits = classifier(stamp(images, triggers, locations, generator))
+    probs = logits.softmax(1)
+    if isinstance(targets, int):
+        return probs[:, targets]
+    return probs.gather(1, targets.reshape(-1, 1)).squeeze(1)
+
+
+def classifier_score_fn(
+    classifier: nn.Module, images: torch.Tensor, targets: torch.Tensor, trigger_noise: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> ScoreFn:
+    """The testing function of a backdoored classifier, batched over sub-models.
+
+    Each trigger is pasted (plus Gaussian noise of std ``trigger_noise``) at a random location
+    on its own randomly drawn image; the result is the softmax probability of the target of
+    the trigger's sub-model (``targets[component]``). ``images`` stay on the device.
+    """
+    if images.dim() != 4 or len(images) == 0:
+        raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got shape {tuple(images.shape)}")
+    device = images.device
+    targets = targets.to(device)
+
+    def score(triggers: torch.Tensor, component: torch.Tensor) -> torch.Tensor:
+        n = len(triggers)
+        idx = torch.randint(0, len(images), (n,), device=device, generator=generator)
+        noisy = triggers + trigger_noise * torch.randn(triggers.shape, device=device, generator=generator)
+        return target_probability(classifier, images[idx], noisy, targets[component], generator=generator)
+
+    return score
+
+
+def train_staircase(
+    score_fn: ScoreFn,
+    trigger_shape: Sequence[int],
+    config: MesaConfig = MesaConfig(),
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    targets: Sequence[int] | None = None,
+    progress: bool = True,
+    desc: str = "MESA",
+) -> tuple[StaircaseSampler, dict]:
+    """Train all staircase sub-models together against a testing function.
+
+    Every step draws ``batch_size`` noise vectors per sub-model, generates their triggers,
+    scores all ``N * batch_size`` triggers in one call of ``score_fn`` and takes one Adam step
+    on the sum of the sub-model losses (their parameters are disjoint, so this equals
+    training each alone). Returns the sampler and a history of curves (per logged step and
+    sub-model: mean ``f``, fraction above ``beta``, MI estimate).
+    """
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    sampler = StaircaseSampler(trigger_shape, config, targets).to(device)
+    M, B = len(config.betas), config.batch_size
+    x_dim = math.prod(sampler.trigger_shape)
+    mines = nn.ModuleList(MINE(config.noise_dim, x_dim, config.mine_hidden, config.ma_rate) for _ in range(M)).to(device)
+    opt_g = torch.optim.Adam(sampler.generators.parameters(), lr=config.lr, betas=config.adam_betas)
+    opt_t = torch.optim.Adam(mines.parameters(), lr=config.mine_lr, betas=config.adam_betas)
+    betas = torch.tensor(config.betas, device=device)
+    component = torch.arange(M, device=device).repeat_interleave(B)
+    beta_per = betas[component]
+    g = torch.Generator(device=device).manual_seed(seed)
+    log: dict[str, list] = {"step": [], "f_mean": [], "valid_frac": [], "mi": []}
+    sampler.train()
+    for step in tqdm(range(config.steps), desc=desc, disable=not progress, leave=False):
+        z = torch.rand(M, B, config.noise_dim, device=device, generator=g)
+        z_marg = torch.rand(M, B, config.noise_dim, device=device, generator=g)
+        x = torch.stack([gen(z[i]) for i, gen in enumerate(sampler.generators)])  # [M, B, *shape]
+        f = score_fn(x.reshape(M * B, *sampler.trigger_shape), component)  # one classifier pass
+        hinge = torch.minimum(f, beta_per).reshape(M, B).mean(1)  # [M]
+        mi = torch.stack([mines[i](z[i], x[i], z_marg[i])[0] for i in range(M)])
+        loss_g = -(hinge + config.alpha * mi).sum()
+        opt_g.zero_grad(set_to_none=True)
+        opt_t.zero_grad(set_to_none=True)
+        loss_g.backward()
+        # T is trained on its own bias-corrected loss, on detached samples
+        opt_t.zero_grad(set_to_none=True)
+        xd = x.detach()
+        loss_t = torch.stack([mines[i](z[i], xd[i], z_marg[i])[1] for i in range(M)]).sum()
+        loss_t.backward()
+        opt_g.step()
+        opt_t.step()
+        if step % config.log_every == 0 or step == config.steps - 1:
+            fd = f.detach().reshape(M, B)
+            log["step"].append(step)
+            log["f_mean"].append(fd.mean(1))
+            log["valid_frac"].append((fd > betas[:, None]).float().mean(1))
+            log["mi"].append(mi.detach())
+    sampler.eval()
+    history = {"step": log["step"]}
+    for k in ("f_mean", "valid_frac", "mi"):
+        history[k] = torch.stack(log[k]).cpu().tolist() if log[k] else []
+    return sampler, history
+
+
+def train_mesa(
+    classifier: nn.Module,
+    data: ImageSet | torch.Tensor,
+    target: int,
+    config: MesaConfig = MesaConfig(),
+    trigger_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[StaircaseSampler, dict]:
+    """Model the distribution of triggers that make ``classifier`` predict ``target``.
+
+    ``data`` is the modelling split (images only are used). The classifier is frozen for the
+    duration (eval mode, no weight gradients) and restored afterwards.
+    """
+    images = data.images if isinstance(data, ImageSet) else data
+    device = next(classifier.parameters()).device
+    images = images.to(device)
+    num_classes = _num_classes(classifier, images)
+    targets = [target] if isinstance(target, int) else list(target)
+    for t in targets:
+        if isinstance(t, bool) or not 0 <= int(t) < num_classes:
+            raise ValueError(f"target class must be in 0..{num_classes - 1}, got {t}")
+    if trigger_shape is None:
+        trigger_shape = (images.shape[1], 3, 3)
+    if trigger_shape[-1] > images.shape[-1]:
+        raise ValueError(f"trigger of size {trigger_shape[-1]} is larger than the images; use a smaller trigger")
+    # one target per sub-model: a single target is shared by every step of the staircase
+    per_step = torch.tensor(targets * len(config.betas) if len(targets) == 1 else targets, device=device)
+    if len(per_step) != len(config.betas):
+        raise ValueError(f"give one target, or one per beta ({len(config.betas)}), got {len(targets)}")
+    with frozen(classifier):
+        g = torch.Generator(device=device).manual_seed(seed + 1)
+        score = classifier_score_fn(classifier, images, per_step, config.trigger_noise, generator=g)
+        return train_staircase(score, trigger_shape, config, seed=seed, device=device,
+                               targets=per_step.tolist(), progress=progress)
+
+
+class frozen:
+    """Context manager: a classifier in eval mode with ``requires_grad=False`` on its weights,
+    so a backward pass computes input gradients only. Restores both on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.training = self.model.training
+        self.flags = [p.requires_grad for p in self.model.parameters()]
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for p, f in zip(self.model.parameters(), self.flags):
+            p.requires_grad_(f)
+        self.model.train(self.training)
+
+
+def _num_classes(model: nn.Module, images: torch.Tensor) -> int:
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        n = model(images[:1]).shape[1]
+        model.train(was)
+    return n

@@ -1,0 +1,224 @@
+"""Classifiers and their training loop, with safetensors weights.
+
+* :class:`SmallCNN` -- the CPU preset's model. A plain LeNet-style CNN barely learns a 3x3
+  trigger at a *random* location; this one adds a global max-pool of its last feature map to
+  the head, so that a small local feature ("the trigger is somewhere") reaches the decision.
+* :func:`cifar_resnet18` -- torchvision's ResNet-18 adapted to 32x32 inputs (3x3 stem, no
+  max-pool), as in the paper, for 1 or 3 channels.
+
+Every model takes images in ``[0, 1]`` and normalises them itself, so triggers are stamped in
+pixel space. :func:`train_classifier` is the one training loop of the library: the attack and
+the defense pass it a ``batch_transform`` that stamps triggers into each batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm.auto import tqdm
+
+from .data import ImageSet
+
+__all__ = [
+    "Normalize",
+    "SmallCNN",
+    "cifar_resnet18",
+    "build_model",
+    "train_classifier",
+    "predict",
+    "save_weights",
+    "load_weights",
+    "BatchTransform",
+]
+
+BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+class Normalize(nn.Module):
+    """Per-channel standardisation as the first layer, so models take ``[0, 1]`` pixels."""
+
+    def __init__(self, mean: float | list[float], std: float | list[float], channels: int):
+        super().__init__()
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).expand(channels).reshape(1, channels, 1, 1)
+        std_t = torch.as_tensor(std, dtype=torch.float32).expand(channels).reshape(1, channels, 1, 1)
+        self.register_buffer("mean", mean_t.clone())
+        self.register_buffer("std", std_t.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and a head that sees both the flattened map and its global max-pool."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 32):
+        super().__init__()
+        w = width
+        self.norm = Normalize(0.5, 0.25, in_channels)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.fc_map = nn.Linear(2 * w * side * side, 128)
+        self.fc_max = nn.Linear(2 * w, 128)
+        self.out = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(self.norm(x))
+        z = self.fc_map(h.flatten(1)) + self.fc_max(torch.amax(h, dim=(2, 3)))
+        return self.out(F.relu(z))
+
+
+def cifar_resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv, no max-pool."""
+    net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    if in_channels == 3:
+        norm = Normalize([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], 3)
+    else:
+        norm = Normalize(0.5, 0.25, in_channels)
+    return nn.Sequential(norm, net)
+
+
+MODELS = ("small_cnn", "resnet18")
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int, width: int = 32) -> nn.Module:
+    """A fresh classifier by name: ``"small_cnn"`` or ``"resnet18"``."""
+    if name == "small_cnn":
+        return SmallCNN(in_channels, num_classes, image_size, width)
+    if name == "resnet18":
+        return cifar_resnet18(in_channels, num_classes)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def train_classifier(
+    model: nn.Module,
+    data: ImageSet,
+    epochs: float,
+    lr: float,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    batch_transform: BatchTransform | None = None,
+    seed: int = 0,
+    desc: str = "train",
+    progress: bool = True,
+    callback: Callable[[int, nn.Module], None] | None = None,
+) -> nn.Module:
+    """Train ``model`` in place with SGD on a dataset held as tensors on the model's device.
+
+    ``batch_transform(x, y, generator) -> (x, y)`` edits each batch (poisoning, stamping);
+    ``epochs`` may be fractional (e.g. ``0.5`` = half a pass). ``callback(epoch, model)`` runs
+    after each whole epoch (for curves). The loss is shown every 20 steps, so the loop does
+    not wait for the device on every step.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    device = next(model.parameters()).device
+    x_all, y_all = data.images.to(device), data.labels.to(device)
+    n = len(y_all)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = int(round(epochs * steps_per_epoch))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    g = torch.Generator(device=device).manual_seed(seed)
+    model.train()
+    step = 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    running = torch.zeros((), device=device)
+    while step < total:
+        perm = torch.randperm(n, device=device, generator=g)
+        for i in range(steps_per_epoch):
+            if step >= total:
+                break
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            x, y = x_all[idx], y_all[idx]
+            if batch_transform is not None:
+                x, y = batch_transform(x, y, g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running = running + loss.detach()
+            step += 1
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{(running / 20).item():.3f}")
+                running.zero_()
+        if callback is not None and step % steps_per_epoch == 0:
+            callback(step // steps_per_epoch, model)
+    bar.close()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted labels ``[N]`` for ``[N, C, H, W]`` images (eval mode, batched)."""
+    if images.dim() != 4 or len(images) == 0:
+        raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got shape {tuple(images.shape)}")
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
+    """Save a model's state dict with safetensors (no pickle). ``metadata`` is stored as JSON."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"mesa_lib": json.dumps(metadata or {})}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict:
+    """Load safetensors weights into ``model`` (on its device); returns the stored metadata.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not
+    a valid safetensors file or does not match the model's architecture.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}; train the model first or check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a valid safetensors weights file ({err}); delete it and retrain, "
+            "or give the path of a file written by mesa_lib.save_weights"
+        ) from None
+    device = next(model.parameters()).device
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    except RuntimeError as err:
+        raise ValueError(
+            f"weights in {path} do not fit this model ({str(err).splitlines()[0]}); "
+            "check the preset/model/dataset the file was saved for"
+        ) from None
+    return json.loads(meta.get("mesa_lib", "{}"))
