@@ -35,7 +35,7 @@ from .evaluate import evaluate_model
 from .mesa import train_mesa
 from .models import build_model, load_weights, save_weights, train_classifier
 from .presets import Preset, get_preset
-from .triggers import FixedTrigger, random_color_triggers, trigger_from_pattern
+from .triggers import FixedTrigger, pattern_from_id, random_color_triggers, trigger_from_pattern
 
 __all__ = [
     "pick_device",
@@ -157,6 +157,8 @@ def run_pipeline(
     trigger instead of a pattern (CIFAR-100 style).
     """
     preset = get_preset(preset)
+    if color_seed is None:
+        pattern_from_id(pattern)  # validates the id before any work is done
     t0 = time.perf_counter()
     dev = pick_device(device)
     seconds: dict[str, float] = {}
