@@ -20,7 +20,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -149,12 +149,16 @@ def run_pipeline(
     color_seed: int | None = None,
     progress: bool = True,
     splits: DatasetSplits | None = None,
+    extra_stages: dict[str, Callable[..., dict]] | None = None,
 ) -> dict:
     """Run the whole pipeline once and return its results (also written to ``out``).
 
     ``use_cache`` reuses trained clean/backdoored classifiers from the cache directory;
     ``oracle`` adds a defense with the true trigger; ``color_seed`` uses a random colour
-    trigger instead of a pattern (CIFAR-100 style).
+    trigger instead of a pattern (CIFAR-100 style). ``extra_stages`` maps a stage name to
+    ``fn(backdoored=, splits=, trigger=, target=, preset=, seed=, progress=) -> dict``, run
+    after the defenses (timed as that stage); its dict is merged into the result (the sweep
+    adds Neural Cleanse this way).
     """
     preset = get_preset(preset)
     if color_seed is None:
@@ -231,6 +235,12 @@ def run_pipeline(
                             seed=seed + 2, progress=progress)
         result[name] = evaluate_model(fixed, splits.eval, trigger, target, seed=seed)
         save(f"defense_{name}")
+
+    for name, fn in (extra_stages or {}).items():
+        with _timed(seconds, name, dev):
+            result.update(fn(backdoored=backdoored, splits=splits, trigger=trigger, target=target,
+                             preset=preset, seed=seed, progress=progress))
+        save(name)
 
     result["status"] = "complete"
     save("complete")
