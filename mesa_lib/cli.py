@@ -1,4 +1,4 @@
-"""Command line: ``python -m mesa_lib run|fetch-data|patterns``.
+"""Command line: ``python -m mesa_lib run|sweep|fetch-data|patterns``.
 
     python -m mesa_lib run --dataset fashion-mnist --pattern 170 --target 0 --preset fast --seed 0 --out results.json
 """
@@ -56,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--root", default=None)
 
     sub.add_parser("patterns", help="list the 51 canonical 3x3 patterns")
+
+    s = sub.add_parser("sweep", help="the paper's experiment: every pattern, one JSON line each (resumable)")
+    s.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default), cifar10, cifar100")
+    s.add_argument("--patterns", default="all", help="'all' (default) or a comma list of ids, e.g. 170,341")
+    s.add_argument("--preset", default="fast", help="fast (CPU) or paper (authors' settings, GPU)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--target", type=int, default=0, help="target class of the pattern attacks (default 0)")
+    s.add_argument("--out", default="results/sweep.jsonl", help="JSONL file, one line per pattern; rerun to resume")
+    s.add_argument("--workers", type=int, default=1, help="patterns run in parallel (processes or Ray tasks)")
+    s.add_argument("--backend", default="local", choices=["local", "ray"])
+    s.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
+    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    s.add_argument("--data-root", default=None, help="directory holding the dataset")
+    s.add_argument("--quiet", action="store_true", help="no log lines")
     return p
 
 
@@ -72,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(format_table(result))
             print(f"results written to {args.out}")
+        elif args.command == "sweep":
+            from .sweep import run_sweep
+
+            lines = run_sweep(
+                dataset=args.dataset, patterns=args.patterns, preset=args.preset, out=args.out, seed=args.seed,
+                target=args.target, workers=args.workers, backend=args.backend, ray_address=args.ray_address,
+                root=args.data_root, device=args.device, progress=not args.quiet,
+            )
+            print(f"{len(lines)} results in {args.out}")
         elif args.command == "fetch-data":
             from .data import fetch
 
