@@ -1,0 +1,381 @@
+"""The paper's experiment: the whole pipeline for every trigger, one JSON line per trigger.
+
+For each 3x3 pattern (Fashion-MNIST / CIFAR-10: the 51 canonical patterns, target class 0)
+or each seeded random colour trigger (CIFAR-100: 10 triggers with seeded random targets) the
+sweep runs :func:`~mesa_lib.pipeline.run_pipeline` -- attack, detection, MESA defense,
+single-point baseline defense, oracle defense -- plus Neural Cleanse (detection and
+unlearning, :mod:`mesa_lib.neural_cleanse`), and appends one JSON line to the output file as
+soon as that trigger is done::
+
+    {"pattern": 170, "clean": {...}, "backdoored": {...}, "mesa": {...}, "point": {...},
+     "nc": {...}, "oracle": {...}, "detection": {...}, "nc_detection": {...},
+     "seconds": {...}, "config": {...}, ...}
+
+The file is the state of the sweep. Restarted with the same arguments it skips the triggers
+already in it, so an interrupted sweep (Ctrl-C, ``kill -9``, a lost machine) loses at most
+the triggers in flight; a half-written last line is cut off and redone. Only the parent
+process writes the file, whichever backend ran the work: in-process (``workers=1``), local
+processes (``workers=N``) or Ray tasks (``backend="ray"``, one GPU per task when CUDA is
+present). A sidecar ``<out>.runs.json`` records each invocation's wall time.
+
+All triggers share the clean model (same seed; trained once and cached), and every line is
+reproducible from its seed: the cache only saves time, it never changes a number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .data import DatasetSplits, load_dataset
+from .evaluate import evaluate_model
+from .neural_cleanse import NCConfig, detect_backdoor, reverse_engineer_masks, unlearn
+from .pipeline import get_clean_model, pick_device, run_pipeline, write_json
+from .presets import Preset, get_preset
+from .triggers import canonical_patterns, pattern_from_id
+
+__all__ = [
+    "SweepTask",
+    "NC_CONFIGS",
+    "sweep_tasks",
+    "parse_patterns",
+    "nc_stage",
+    "run_task",
+    "read_finished",
+    "append_line",
+    "run_sweep",
+]
+
+NUM_COLOR_TRIGGERS = 10
+"""Random colour triggers of the CIFAR-100 setting."""
+
+NC_CONFIGS = {"fast": NCConfig(steps=150, batch_size=16), "paper": NCConfig(steps=1000, batch_size=64)}
+"""Neural Cleanse settings per preset name (other presets get ``fast``'s)."""
+
+
+@dataclass(frozen=True)
+class SweepTask:
+    """One trigger of the sweep."""
+
+    pattern: int
+    """The line's key: a pattern id (0..511), or the index of a colour trigger (CIFAR-100)."""
+    target: int
+    color_seed: int | None = None
+
+
+def parse_patterns(spec: str | int | Iterable[int] | None, dataset: str = "fashion-mnist") -> list[int]:
+    """The trigger keys named by ``spec``: ``"all"`` / None, an id, or a comma list of ids.
+
+    For ``cifar100`` the keys are colour-trigger indices ``0..9``; otherwise pattern ids
+    ``0..511`` (``"all"`` = the 51 canonical patterns).
+    """
+    colour = _is_colour(dataset)
+    every = list(range(NUM_COLOR_TRIGGERS)) if colour else canonical_patterns()
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return every
+    if isinstance(spec, str):
+        try:
+            ids = [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--patterns must be 'all' or a comma list of integers like 170,341; got {spec!r}") from None
+    elif isinstance(spec, int):
+        ids = [spec]
+    else:
+        ids = [int(s) for s in spec]
+    if not ids:
+        raise ValueError("no patterns given; use 'all' or a comma list of ids like 170,341")
+    for i in ids:
+        if colour and not 0 <= i < NUM_COLOR_TRIGGERS:
+            raise ValueError(f"{dataset} uses {NUM_COLOR_TRIGGERS} colour triggers: ids must be in 0..9, got {i}")
+        if not colour:
+            pattern_from_id(i)  # clear error for ids outside 0..511
+    return list(dict.fromkeys(ids))  # drop repeats, keep order
+
+
+def _is_colour(dataset: str) -> bool:
+    return dataset.lower().replace("-", "").replace("_", "") == "cifar100"
+
+
+def sweep_tasks(dataset: str, patterns: str | Iterable[int] | None = "all", seed: int = 0, target: int = 0) -> list[SweepTask]:
+    """The tasks of a sweep. CIFAR-100: colour trigger ``i`` has ``color_seed = 1000 * seed + i``
+    and a target drawn (seeded by ``seed``) uniformly from the 100 classes, as in the paper;
+    otherwise every pattern attacks ``target``."""
+    ids = parse_patterns(patterns, dataset)
+    if _is_colour(dataset):
+        g = torch.Generator().manual_seed(seed)
+        targets = torch.randint(0, 100, (NUM_COLOR_TRIGGERS,), generator=g).tolist()
+        return [SweepTask(i, int(targets[i]), 1000 * seed + i) for i in ids]
+    return [SweepTask(i, target) for i in ids]
+
+
+def nc_stage(config: NCConfig):
+    """A pipeline stage (see ``run_pipeline(extra_stages=...)``) running Neural Cleanse:
+    reverse-engineer a mask + pattern per class on the modelling split, detect with the MAD
+    anomaly index, then unlearn the reversed trigger of the attacked class with the same
+    ratio, epochs and learning rate as MESA's defense. Adds ``nc`` and ``nc_detection``."""
+
+    def stage(backdoored, splits: DatasetSplits, trigger, target: int, preset: Preset, seed: int,
+              progress: bool) -> dict:
+        rev = reverse_engineer_masks(backdoored, splits.model, config, seed=seed, progress=progress)
+        det = detect_backdoor(rev).to_dict()
+        det["mitigated_class"] = target
+        fixed = unlearn(backdoored, splits.model, rev.masks[target], rev.patterns[target],
+                        ratio=preset.defense_ratio, epochs=preset.defense_epochs, lr=preset.defense_lr,
+                        batch_size=preset.batch_size, seed=seed + 2, progress=progress)
+        return {"nc_detection": det, "nc": evaluate_model(fixed, splits.eval, trigger, target, seed=seed)}
+
+    return stage
+
+
+def _nc_config(preset: Preset, nc: NCConfig | None) -> NCConfig:
+    return nc if nc is not None else NC_CONFIGS.get(preset.name, NC_CONFIGS["fast"])
+
+
+def run_task(task: SweepTask, splits: DatasetSplits, preset: Preset | str = "fast", seed: int = 0,
+             nc: NCConfig | None = None, progress: bool = False) -> dict:
+    """One line of the sweep: the pipeline (with the oracle) and Neural Cleanse for one trigger."""
+    preset = get_preset(preset)
+    nc = _nc_config(preset, nc)
+    result = run_pipeline(
+        dataset=splits.name, pattern=task.pattern if task.color_seed is None else 0, target=task.target,
+        preset=preset, seed=seed, use_cache=True, oracle=True, color_seed=task.color_seed,
+        progress=progress, splits=splits, extra_stages={"nc": nc_stage(nc)},
+    )
+    result["config"]["nc"] = nc.to_dict()
+    result["config"]["host"] = socket.gethostname()
+    result["config"]["torch_threads"] = torch.get_num_threads()
+    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {"pattern": task.pattern, **result}
+
+
+# ---------------------------------------------------------------- the JSONL file
+
+
+def read_finished(path: str | Path, repair: bool = True) -> dict[int, dict]:
+    """The finished lines of a sweep file, by pattern key.
+
+    A last line without its newline (or that is not valid JSON) was being written when the
+    sweep died: with ``repair`` the file is truncated to the last complete line, so that the
+    trigger is redone. A broken line anywhere else raises ``ValueError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    done: dict[int, dict] = {}
+    good_end = 0
+    for n, raw in enumerate(lines):
+        try:
+            obj = json.loads(raw)
+            key = int(obj["pattern"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            if n == len(lines) - 1 and not tail:
+                tail = raw  # a complete but broken last line: treat as half-written
+                break
+            raise ValueError(
+                f"{path}, line {n + 1}, is not a sweep result (broken JSON or no 'pattern'); "
+                "fix or delete that line, or write to another --out"
+            ) from None
+        done.setdefault(key, obj)
+        good_end += len(raw) + 1
+    if tail and repair:
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return done
+
+
+def append_line(path: str | Path, obj: dict) -> None:
+    """Append one JSON line and make it durable (flush + fsync) before returning."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    with open(path, "ab") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_compatible(done: dict[int, dict], path: Path, dataset: str, preset: Preset, seed: int,
+                      nc: NCConfig) -> None:
+    want = {"dataset": dataset, "seed": seed, "preset": json.loads(json.dumps(preset.to_dict())),
+            "nc": nc.to_dict()}
+    for key, line in done.items():
+        cfg = line.get("config", {})
+        have = {k: cfg.get(k) for k in want}
+        if have != want:
+            diff = sorted(k for k in want if have[k] != want[k])
+            raise ValueError(
+                f"{path} holds results of a different sweep (pattern {key} differs in {', '.join(diff)}); "
+                "use another --out, or delete the file to start over"
+            )
+
+
+# ---------------------------------------------------------------- workers
+
+_WORKER: dict = {}
+
+
+def _init_worker(threads: int, data: dict) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["data"] = data
+
+
+def _worker_splits(data: dict) -> DatasetSplits:
+    key = json.dumps(data, sort_keys=True, default=str)
+    if _WORKER.get("key") != key:
+        _WORKER["splits"] = load_dataset(data["dataset"], root=data["root"], device=pick_device(data["device"]),
+                                         train_limit=data["train_limit"])
+        _WORKER["key"] = key
+    return _WORKER["splits"]
+
+
+def _work(task: SweepTask, data: dict, preset: Preset, seed: int, nc: NCConfig) -> dict:
+    """Run one task in a worker process (local pool or Ray); loads the data once per process."""
+    if "threads" in data:
+        torch.set_num_threads(data["threads"])
+    return run_task(task, _worker_splits(data), preset, seed, nc, progress=False)
+
+
+def _summary(line: dict) -> str:
+    parts = [f"{k} {100 * line[k]['asr']:.1f}%" for k in ("backdoored", "mesa", "point", "nc", "oracle") if k in line]
+    det = line.get("detection", {}).get("detected_target")
+    ncd = line.get("nc_detection", {}).get("detected_target")
+    return (f"pattern {line['pattern']}: ASR " + ", ".join(parts)
+            + f"; detected MESA {det} NC {ncd} ({line['seconds']['total']:.0f} s)")
+
+
+def run_sweep(
+    dataset: str = "fashion-mnist",
+    patterns: str | Iterable[int] | None = "all",
+    preset: Preset | str = "fast",
+    out: str | Path = "results/sweep.jsonl",
+    seed: int = 0,
+    target: int = 0,
+    workers: int = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
+    root: str | Path | None = None,
+    device: str | None = None,
+    train_limit: int | None = None,
+    nc: NCConfig | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run (or resume) a sweep and return all its lines, in task order.
+
+    ``workers`` > 1 runs triggers in that many local processes (spawned, each with
+    ``cpu_count // workers`` torch threads); ``backend="ray"`` runs them as Ray tasks
+    (``ray.init(address=ray_address)``; a local cluster of ``workers`` CPUs when no address
+    is given). The parent alone writes ``out``.
+    """
+    preset = get_preset(preset)
+    nc = _nc_config(preset, nc)
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if isinstance(workers, bool) or int(workers) < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
+    workers = int(workers)
+    tasks = sweep_tasks(dataset, patterns, seed, target)
+    out = Path(out)
+    dev = pick_device(device)
+    splits = load_dataset(dataset, root=root, device=dev, train_limit=train_limit)
+    done = read_finished(out)
+    _check_compatible(done, out, splits.name, preset, seed, nc)
+    todo = [t for t in tasks if t.pattern not in done]
+    log = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+    log(f"sweep {splits.name} / {preset.name} / seed {seed}: {len(tasks)} triggers, "
+        f"{len(tasks) - len(todo)} already in {out}, {len(todo)} to run ({backend}, {workers} worker(s))")
+
+    runs_path = out.with_name(out.name + ".runs.json")
+    runs = json.loads(runs_path.read_text()) if runs_path.is_file() else []
+    run_info = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "finished": None,
+                "wall_s": 0.0, "patterns_run": 0, "backend": backend, "workers": workers,
+                "host": socket.gethostname(), "cpu_count": os.cpu_count(), "device": str(dev),
+                "argv": sys.argv[1:]}
+    runs.append(run_info)
+    t0 = time.perf_counter()
+
+    def record(line: dict | None = None) -> None:
+        if line is not None:
+            append_line(out, line)
+            done[int(line["pattern"])] = line
+            run_info["patterns_run"] += 1
+            log(f"[{len(done)}/{len(tasks)}] " + _summary(line))
+        run_info["wall_s"] = round(time.perf_counter() - t0, 1)
+        write_json(runs, runs_path)
+
+    if todo:
+        record()
+        # every task shares the clean model: train (or load) it once, before any worker starts
+        get_clean_model(splits, preset, seed, use_cache=True, progress=progress)
+        data = {"dataset": dataset, "root": None if root is None else str(root), "device": device,
+                "train_limit": train_limit}
+        if backend == "ray":
+            _run_ray(todo, data, preset, seed, nc, workers, ray_address, record)
+        elif workers == 1:
+            for task in todo:
+                record(run_task(task, splits, preset, seed, nc, progress=False))
+        else:
+            _run_pool(todo, data, preset, seed, nc, workers, record)
+        run_info["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record()
+    return [done[t.pattern] for t in tasks]
+
+
+def _run_pool(todo: Sequence[SweepTask], data: dict, preset: Preset, seed: int, nc: NCConfig, workers: int,
+              record) -> None:
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads, data)) as pool:
+        pending = {pool.submit(_work, t, data, preset, seed, nc) for t in todo}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    record(fut.result())
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def _run_ray(todo: Sequence[SweepTask], data: dict, preset: Preset, seed: int, nc: NCConfig, workers: int,
+             address: str | None, record) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("the ray backend needs Ray: pip install 'mesa-lib[ray]' (or pip install ray)") from None
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False)
+        started = True
+    try:
+        gpus = 1 if torch.cuda.is_available() else 0
+        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_work)
+        task_data = {**data, "threads": 1 if gpus == 0 else max(1, (os.cpu_count() or 1) // max(workers, 1))}
+        pending = [remote.remote(t, task_data, preset, seed, nc) for t in todo]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                record(ray.get(ref))
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,204 @@
+"""The sweep: one JSON line per trigger, resumable, crash-safe, same results from every backend.
+
+Every run here uses a tiny preset on fake data (a few optimiser steps), so the tests check the
+bookkeeping, not the science; the cache goes to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mesa_lib.neural_cleanse import NCConfig
+from mesa_lib.presets import get_preset
+from mesa_lib.sweep import append_line, parse_patterns, read_finished, run_sweep, sweep_tasks
+
+TINY = get_preset("fast").with_(
+    width=4, clean_epochs=1, attack_epochs=1, detect_steps=2, detect_batch=4, point_steps=2, defense_epochs=1,
+    mesa={"steps": 2, "batch_size": 8, "hidden": 16, "mine_hidden": 16},
+)
+TINY_NC = NCConfig(steps=2, batch_size=2)
+KEYS = {"pattern", "clean", "backdoored", "mesa", "point", "nc", "oracle", "detection", "nc_detection",
+        "seconds", "config"}
+
+
+@pytest.fixture
+def fmnist_root(tmp_path, fake_fmnist_writer, monkeypatch):
+    """Fake Fashion-MNIST (200 train, 50 test) and a private model cache."""
+    monkeypatch.setenv("MESA_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "fmnist"
+    fake_fmnist_writer(root, n_train=200, n_test=50)
+    return root
+
+
+def _sweep(root, out, patterns="170,341", **kw):
+    return run_sweep(patterns=patterns, preset=TINY, out=out, root=root, nc=TINY_NC, progress=False, **kw)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(s) for s in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- patterns and tasks
+
+
+def test_parse_patterns():
+    assert len(parse_patterns("all")) == 51 and parse_patterns("all")[0] == 0
+    assert parse_patterns("170, 341,170") == [170, 341]
+    assert parse_patterns("all", "cifar100") == list(range(10))
+    with pytest.raises(ValueError, match="comma list"):
+        parse_patterns("170;341")
+    with pytest.raises(ValueError, match="0..511"):
+        parse_patterns("600")
+    with pytest.raises(ValueError, match="0..9"):
+        parse_patterns("10", "cifar100")
+
+
+def test_cifar100_tasks_have_seeded_colour_triggers_and_targets():
+    a, b, c = sweep_tasks("cifar100", "all", seed=0), sweep_tasks("cifar100", "all", seed=0), sweep_tasks("cifar100", "all", seed=1)
+    assert a == b and a != c
+    assert len(a) == 10 and len({t.color_seed for t in a}) == 10
+    assert all(0 <= t.target < 100 for t in a) and len({t.target for t in a}) > 1
+    assert all(t.target == 0 and t.color_seed is None for t in sweep_tasks("fashion-mnist", "1,2"))
+
+
+# ---------------------------------------------------------------- the file
+
+
+def test_read_finished_repairs_only_a_half_written_last_line(tmp_path):
+    path = tmp_path / "s.jsonl"
+    append_line(path, {"pattern": 1, "x": 1})
+    append_line(path, {"pattern": 2, "x": 2})
+    good = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(b'{"pattern": 3, "x"')  # killed while writing
+    assert set(read_finished(path)) == {1, 2}
+    assert path.read_bytes() == good
+    with open(path, "ab") as f:
+        f.write(b"garbage\n")  # a complete but broken last line
+    assert set(read_finished(path)) == {1, 2} and path.read_bytes() == good
+    path.write_bytes(b"garbage\n" + good)
+    with pytest.raises(ValueError, match="line 1"):
+        read_finished(path)
+
+
+def test_lines_are_written_one_per_pattern_and_resume_skips_them(fmnist_root, tmp_path):
+    out = tmp_path / "s.jsonl"
+    lines = _sweep(fmnist_root, out)
+    assert [l["pattern"] for l in lines] == [170, 341]
+    assert [l["pattern"] for l in _lines(out)] == [170, 341]
+    for line in lines:
+        assert KEYS <= set(line) and line["status"] == "complete"
+        assert {"clean_acc", "asr"} <= set(line["nc"]) and {"clean_acc", "asr"} <= set(line["oracle"])
+        assert len(line["nc_detection"]["anomaly_index"]) == 10
+        assert line["config"]["pattern"] == line["pattern"] and line["seconds"]["total"] > 0
+    before = out.read_bytes()
+    again = _sweep(fmnist_root, out, patterns="all" if False else "170,341")
+    assert out.read_bytes() == before and again == lines
+    runs = json.loads((tmp_path / "s.jsonl.runs.json").read_text())
+    assert [r["patterns_run"] for r in runs] == [2, 0] and runs[0]["wall_s"] > 0
+    # a half-written last line is cut off and its pattern redone: exactly one line each
+    text = out.read_text().splitlines()
+    out.write_text(text[0] + "\n" + text[1][: len(text[1]) // 2])
+    redone = _sweep(fmnist_root, out)
+    assert [l["pattern"] for l in _lines(out)] == [170, 341]
+    assert redone[1]["mesa"] == lines[1]["mesa"] and redone[1]["nc"] == lines[1]["nc"]  # same seed, same numbers
+
+
+def test_a_file_from_another_sweep_is_refused(fmnist_root, tmp_path):
+    out = tmp_path / "s.jsonl"
+    _sweep(fmnist_root, out, patterns="170")
+    with pytest.raises(ValueError, match="different sweep.*seed"):
+        _sweep(fmnist_root, out, patterns="170,341", seed=1)
+
+
+def test_bad_arguments_fail_before_any_work(fmnist_root, tmp_path):
+    with pytest.raises(ValueError, match="backend"):
+        _sweep(fmnist_root, tmp_path / "s.jsonl", backend="slurm")
+    with pytest.raises(ValueError, match="workers"):
+        _sweep(fmnist_root, tmp_path / "s.jsonl", workers=0)
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+# ---------------------------------------------------------------- crashes and backends
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_sweep import TINY, TINY_NC
+    from mesa_lib.sweep import run_sweep
+    run_sweep(patterns="0,1,3,5,7", preset=TINY, out={out!r}, root={root!r}, nc=TINY_NC, progress=False)
+    """
+)
+
+
+def test_kill_9_mid_sweep_then_restart_gives_exactly_one_line_per_pattern(fmnist_root, tmp_path):
+    out = tmp_path / "s.jsonl"
+    script = tmp_path / "sweep.py"
+    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), root=str(fmnist_root)))
+    env = {**os.environ, "MESA_CACHE_DIR": os.environ["MESA_CACHE_DIR"]}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if out.is_file() and out.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    survived = out.read_bytes()
+    n_before = survived.count(b"\n")
+    assert 1 <= n_before < 5
+    subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=600)
+    lines = _lines(out)
+    assert sorted(l["pattern"] for l in lines) == [0, 1, 3, 5, 7]
+    assert out.read_bytes().startswith(survived[: survived.rfind(b"\n") + 1])  # finished lines untouched
+
+
+def test_two_worker_processes_give_the_same_patterns(fmnist_root, tmp_path):
+    out = tmp_path / "s.jsonl"
+    lines = _sweep(fmnist_root, out, patterns="0,1,3", workers=2)
+    assert sorted(l["pattern"] for l in _lines(out)) == [0, 1, 3]
+    assert [l["pattern"] for l in lines] == [0, 1, 3]
+
+
+def test_ray_backend_on_a_local_two_cpu_cluster(fmnist_root, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "s.jsonl"
+    lines = _sweep(fmnist_root, out, patterns="170,341", workers=2, backend="ray")
+    assert sorted(l["pattern"] for l in _lines(out)) == [170, 341]
+    assert all(KEYS <= set(l) for l in lines)
+    # the same work, in process: identical numbers
+    local = _sweep(fmnist_root, tmp_path / "local.jsonl", patterns="170,341")
+    assert [l["oracle"] for l in local] == [l["oracle"] for l in lines]
+
+
+def test_cifar100_sweep_uses_colour_triggers_and_random_targets(tmp_path, fake_cifar_writer, monkeypatch):
+    monkeypatch.setenv("MESA_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "c100"
+    fake_cifar_writer(root, "cifar100", per_batch=20, n_test=40)  # labels of the 8 eval images differ
+    out = tmp_path / "c.jsonl"
+    lines = run_sweep(dataset="cifar100", patterns="0,1", preset=TINY, out=out, root=root, nc=TINY_NC,
+                      progress=False)
+    tasks = sweep_tasks("cifar100", "0,1")
+    assert [l["pattern"] for l in lines] == [0, 1]
+    for line, task in zip(lines, tasks):
+        assert line["config"]["color_seed"] == task.color_seed and line["config"]["target"] == task.target
+        assert len(line["nc_detection"]["l1_norms"]) == 100
+
+
+def test_cli_sweep_reports_bad_patterns_clearly(capsys):
+    from mesa_lib.cli import main
+
+    assert main(["sweep", "--patterns", "170,abc", "--out", "unused.jsonl"]) == 2
+    assert "comma list" in capsys.readouterr().err
+    assert not Path("unused.jsonl").exists()
