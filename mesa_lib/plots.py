@@ -80,8 +80,9 @@ def show_images(
 ) -> Axes:
     """Show images ``[N, C, H, W]`` (values in ``[0, 1]``) as one grid, ``nrow`` per row.
 
-    ``titles`` (one per image) are written above the images. Returns the Axes, which holds
-    one image (the grid) and one text per title.
+    ``titles`` (one per image) are written in a band above each image. A new figure is
+    ``cell_inches`` wide per image. Returns the Axes, which holds one image (the grid) and
+    one text per title.
     """
     x = _as_images(images)
     n, _, h, w = x.shape
@@ -90,16 +91,21 @@ def show_images(
     if titles is not None and len(titles) != n:
         raise ValueError(f"got {len(titles)} titles for {n} images; give one title per image or None")
     ncol = min(nrow, n)
-    rows = math.ceil(n / ncol)
+    band = 0
+    if titles is not None:  # a strip above every image for its title (about 1.6 text lines)
+        lines = max(str(t).count("\n") + 1 for t in titles)
+        band = math.ceil(w * lines * 1.6 * title_size / 72 / cell_inches)
+        x = F.pad(x, (0, 0, band, 0), value=1.0)  # white strip
     grid = make_grid(x, nrow=ncol, padding=padding, pad_value=pad_value)  # [3, H', W']
-    ax = _new_ax(ax, (cell_inches * ncol, (cell_inches + (0.2 if titles is not None else 0)) * rows))
+    gh, gw = grid.shape[1:]
+    ax = _new_ax(ax, (cell_inches * ncol, cell_inches * ncol * gh / gw))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", vmin=0, vmax=1)
     ax.set_axis_off()
     if titles is not None:
         for k, t in enumerate(titles):  # one text artist per title (matplotlib has no batched text)
             r, c = divmod(k, ncol)
-            ax.text(padding + c * (w + padding) + w / 2, padding + r * (h + padding) - 0.5, str(t),
-                    ha="center", va="bottom", fontsize=title_size, clip_on=False)
+            ax.text(padding + c * (w + padding) + w / 2, padding + r * (h + band + padding) + band / 2, str(t),
+                    ha="center", va="center", fontsize=title_size)
     return ax
 
 
@@ -136,7 +142,8 @@ def show_triggers(
     return show_images(big, titles=titles, nrow=nrow, ax=ax, pad_value=pad_value, **kw)
 
 
-def show_patterns(ids: Sequence[int] | torch.Tensor | None = None, nrow: int = 17, **kw: Any) -> Figure:
+def show_patterns(ids: Sequence[int] | torch.Tensor | None = None, nrow: int = 17, cell_inches: float = 0.42,
+                  **kw: Any) -> Figure:
     """A figure of black-and-white 3x3 patterns with their ids as titles.
 
     ``ids`` defaults to the 51 canonical patterns (:func:`~mesa_lib.canonical_patterns`).
@@ -144,7 +151,7 @@ def show_patterns(ids: Sequence[int] | torch.Tensor | None = None, nrow: int = 1
     """
     ids = canonical_patterns() if ids is None else ids
     pats = patterns_tensor(ids)
-    ax = show_triggers(pats, titles=[int(i) for i in torch.as_tensor(ids)], nrow=nrow, **kw)
+    ax = show_triggers(pats, titles=[int(i) for i in torch.as_tensor(ids)], nrow=nrow, cell_inches=cell_inches, **kw)
     return ax.figure
 
 

@@ -37,8 +37,13 @@ def test_show_images_one_grid_with_titles():
     ax = show_images(imgs, titles=[f"t{i}" for i in range(10)], nrow=4)
     assert len(ax.images) == 1  # one imshow for the whole grid
     assert [t.get_text() for t in ax.texts] == [f"t{i}" for i in range(10)]
-    # make_grid: 4 columns x 3 rows of 28 px + 2 px padding
-    assert ax.images[0].get_array().shape[:2] == (3 * 30 + 2, 4 * 30 + 2)
+    # make_grid: 4 columns x 3 rows of 28 px + 2 px padding; titles add a strip above each row
+    h, w = ax.images[0].get_array().shape[:2]
+    assert w == 4 * 30 + 2 and h > 3 * 30 + 2
+    assert show_images(imgs, nrow=4).images[0].get_array().shape[:2] == (3 * 30 + 2, 4 * 30 + 2)
+    # each title sits inside its own column
+    xs = [t.get_position()[0] for t in ax.texts[:4]]
+    assert xs == sorted(xs) and all(2 + 30 * c < x < 30 * (c + 1) for c, x in enumerate(xs))
 
 
 def test_show_images_rgb_and_device_and_existing_axes():
