@@ -41,6 +41,7 @@ __all__ = [
     "StaircaseSampler",
     "ScoreFn",
     "classifier_score_fn",
+    "StaircaseTrainer",
     "train_staircase",
     "train_mesa",
     "target_probability",
@@ -260,6 +261,72 @@ def classifier_score_fn(
     return score
 
 
+class StaircaseTrainer:
+    """One optimisation step at a time for all staircase sub-models (see :func:`train_staircase`).
+
+    ``step()`` draws ``batch_size`` noise vectors per sub-model, generates their triggers,
+    scores all ``N * batch_size`` triggers in one call of ``score_fn`` and takes one Adam step
+    on the sum of the sub-model losses (their parameters are disjoint, so this equals training
+    each alone). Nothing in a step waits for the device: curves are kept as tensors.
+    """
+
+    def __init__(self, score_fn: ScoreFn, trigger_shape: Sequence[int], config: MesaConfig = MesaConfig(),
+                 seed: int = 0, device: torch.device | str = "cpu", targets: Sequence[int] | None = None):
+        self.device = device = torch.device(device)
+        torch.manual_seed(seed)
+        self.score_fn, self.config = score_fn, config
+        self.sampler = StaircaseSampler(trigger_shape, config, targets).to(device)
+        self.M, self.B = len(config.betas), config.batch_size
+        x_dim = math.prod(self.sampler.trigger_shape)
+        self.mines = nn.ModuleList(
+            MINE(config.noise_dim, x_dim, config.mine_hidden, config.ma_rate) for _ in range(self.M)
+        ).to(device)
+        self.opt_g = torch.optim.Adam(self.sampler.generators.parameters(), lr=config.lr, betas=config.adam_betas)
+        self.opt_t = torch.optim.Adam(self.mines.parameters(), lr=config.mine_lr, betas=config.adam_betas)
+        self.betas = torch.tensor(config.betas, device=device)
+        self.component = torch.arange(self.M, device=device).repeat_interleave(self.B)
+        self.beta_per = self.betas[self.component]
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.steps_done = 0
+        self._log: dict[str, list] = {"step": [], "f_mean": [], "valid_frac": [], "mi": []}
+        self.sampler.train()
+
+    def step(self) -> None:
+        cfg, M, B, g = self.config, self.M, self.B, self.generator
+        gens, mines = self.sampler.generators, self.mines
+        z = torch.rand(M, B, cfg.noise_dim, device=self.device, generator=g)
+        z_marg = torch.rand(M, B, cfg.noise_dim, device=self.device, generator=g)
+        x = torch.stack([gen(z[i]) for i, gen in enumerate(gens)])  # [M, B, *shape]
+        f = self.score_fn(x.reshape(M * B, *self.sampler.trigger_shape), self.component)  # one classifier pass
+        hinge = torch.minimum(f, self.beta_per).reshape(M, B).mean(1)  # [M]: mean(min(f, beta_i))
+        mi = torch.stack([mines[i](z[i], x[i], z_marg[i])[0] for i in range(M)])  # [M]: I(z; G_i(z))
+        loss_g = -(hinge + cfg.alpha * mi).sum()
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        # T is trained on its own bias-corrected loss, on detached samples
+        self.opt_t.zero_grad(set_to_none=True)
+        xd = x.detach()
+        loss_t = torch.stack([mines[i](z[i], xd[i], z_marg[i])[1] for i in range(M)]).sum()
+        loss_t.backward()
+        self.opt_g.step()
+        self.opt_t.step()
+        step = self.steps_done
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            fd = f.detach().reshape(M, B)
+            self._log["step"].append(step)
+            self._log["f_mean"].append(fd.mean(1))
+            self._log["valid_frac"].append((fd > self.betas[:, None]).float().mean(1))
+            self._log["mi"].append(mi.detach())
+        self.steps_done += 1
+
+    def history(self) -> dict:
+        """Curves per logged step and sub-model: mean ``f``, fraction above ``beta``, MI estimate."""
+        out = {"step": list(self._log["step"])}
+        for k in ("f_mean", "valid_frac", "mi"):
+            out[k] = torch.stack(self._log[k]).cpu().tolist() if self._log[k] else []
+        return out
+
+
 def train_staircase(
     score_fn: ScoreFn,
     trigger_shape: Sequence[int],
@@ -272,55 +339,15 @@ def train_staircase(
 ) -> tuple[StaircaseSampler, dict]:
     """Train all staircase sub-models together against a testing function.
 
-    Every step draws ``batch_size`` noise vectors per sub-model, generates their triggers,
-    scores all ``N * batch_size`` triggers in one call of ``score_fn`` and takes one Adam step
-    on the sum of the sub-model losses (their parameters are disjoint, so this equals
-    training each alone). Returns the sampler and a history of curves (per logged step and
-    sub-model: mean ``f``, fraction above ``beta``, MI estimate).
+    ``score_fn(triggers [N*B, *shape], component [N*B]) -> f [N*B]`` scores every sub-model's
+    triggers in one call. Returns the sampler (in eval mode) and the training curves
+    (:meth:`StaircaseTrainer.history`).
     """
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    sampler = StaircaseSampler(trigger_shape, config, targets).to(device)
-    M, B = len(config.betas), config.batch_size
-    x_dim = math.prod(sampler.trigger_shape)
-    mines = nn.ModuleList(MINE(config.noise_dim, x_dim, config.mine_hidden, config.ma_rate) for _ in range(M)).to(device)
-    opt_g = torch.optim.Adam(sampler.generators.parameters(), lr=config.lr, betas=config.adam_betas)
-    opt_t = torch.optim.Adam(mines.parameters(), lr=config.mine_lr, betas=config.adam_betas)
-    betas = torch.tensor(config.betas, device=device)
-    component = torch.arange(M, device=device).repeat_interleave(B)
-    beta_per = betas[component]
-    g = torch.Generator(device=device).manual_seed(seed)
-    log: dict[str, list] = {"step": [], "f_mean": [], "valid_frac": [], "mi": []}
-    sampler.train()
-    for step in tqdm(range(config.steps), desc=desc, disable=not progress, leave=False):
-        z = torch.rand(M, B, config.noise_dim, device=device, generator=g)
-        z_marg = torch.rand(M, B, config.noise_dim, device=device, generator=g)
-        x = torch.stack([gen(z[i]) for i, gen in enumerate(sampler.generators)])  # [M, B, *shape]
-        f = score_fn(x.reshape(M * B, *sampler.trigger_shape), component)  # one classifier pass
-        hinge = torch.minimum(f, beta_per).reshape(M, B).mean(1)  # [M]
-        mi = torch.stack([mines[i](z[i], x[i], z_marg[i])[0] for i in range(M)])
-        loss_g = -(hinge + config.alpha * mi).sum()
-        opt_g.zero_grad(set_to_none=True)
-        opt_t.zero_grad(set_to_none=True)
-        loss_g.backward()
-        # T is trained on its own bias-corrected loss, on detached samples
-        opt_t.zero_grad(set_to_none=True)
-        xd = x.detach()
-        loss_t = torch.stack([mines[i](z[i], xd[i], z_marg[i])[1] for i in range(M)]).sum()
-        loss_t.backward()
-        opt_g.step()
-        opt_t.step()
-        if step % config.log_every == 0 or step == config.steps - 1:
-            fd = f.detach().reshape(M, B)
-            log["step"].append(step)
-            log["f_mean"].append(fd.mean(1))
-            log["valid_frac"].append((fd > betas[:, None]).float().mean(1))
-            log["mi"].append(mi.detach())
-    sampler.eval()
-    history = {"step": log["step"]}
-    for k in ("f_mean", "valid_frac", "mi"):
-        history[k] = torch.stack(log[k]).cpu().tolist() if log[k] else []
-    return sampler, history
+    trainer = StaircaseTrainer(score_fn, trigger_shape, config, seed, device, targets)
+    for _ in tqdm(range(config.steps), desc=desc, disable=not progress, leave=False):
+        trainer.step()
+    trainer.sampler.eval()
+    return trainer.sampler, trainer.history()
 
 
 def train_mesa(
