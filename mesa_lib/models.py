@@ -121,8 +121,8 @@ def train_classifier(
 
     ``batch_transform(x, y, generator) -> (x, y)`` edits each batch (poisoning, stamping);
     ``epochs`` may be fractional (e.g. ``0.5`` = half a pass). ``callback(epoch, model)`` runs
-    after each whole epoch (for curves). The loss is shown every 20 steps, so the loop does
-    not wait for the device on every step.
+    after each whole epoch (for curves). The loss is shown every 50 steps (only with a
+    progress bar), so the loop does not wait for the device on every step.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -152,12 +152,13 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running = running + loss.detach()
             step += 1
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{(running / 20).item():.3f}")
-                running.zero_()
+            if progress:
+                running = running + loss.detach()
+                bar.update(1)
+                if step % 50 == 0:  # the only host sync, and only when a bar is shown
+                    bar.set_postfix(loss=f"{(running / 50).item():.3f}")
+                    running.zero_()
         if callback is not None and step % steps_per_epoch == 0:
             callback(step // steps_per_epoch, model)
     bar.close()
