@@ -1,0 +1,195 @@
+"""The built book in a real browser: every page of the table of contents opens in headless
+Chromium (Debian's ``/usr/bin/chromium`` driven by Playwright) from a local HTTP server.
+
+Checked on every page: no console error and no uncaught exception, no failed request and no
+HTTP error, every ``<img>`` loaded (``naturalWidth > 0``); the "next" links walk through the
+chapters in the order of ``_toc.yml``; every saved ipywidget renders as widget DOM (the
+widget state that nbclient saved at execution is embedded in the page and the
+``@jupyter-widgets/html-manager`` bundle, served from the book's own ``_static``, draws it).
+
+The test needs the built HTML: ``make test`` builds the book first and then runs this file
+with ``MESA_BROWSER_TEST_REQUIRED=1``, which turns every "cannot run" skip into a failure.
+Run alone: ``jupyter-book build . -W -n --keep-going && pytest tests/test_book_browser.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+CHROMIUM = os.environ.get("MESA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+WIDGET_VIEW = 'script[type="application/vnd.jupyter.widget-view+json"]'
+WIDGET_STATE = 'script[type="application/vnd.jupyter.widget-state+json"]'
+REQUIRED = os.environ.get("MESA_BROWSER_TEST_REQUIRED", "") not in ("", "0")
+
+
+def _cannot_run(reason: str) -> None:
+    """Skip -- or fail, when ``make test`` says the browser test must run."""
+    if REQUIRED:
+        pytest.fail(f"browser test required (MESA_BROWSER_TEST_REQUIRED=1) but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def toc_pages(toc_file: Path = ROOT / "_toc.yml") -> list[str]:
+    """Document paths (no suffix) of ``_toc.yml`` in reading order: root, then every
+    chapter and its sections depth-first."""
+    toc = yaml.safe_load(toc_file.read_text())
+    pages = [toc["root"]]
+
+    def walk(entries: list[dict]) -> None:
+        for entry in entries:
+            if "file" in entry:
+                pages.append(entry["file"])
+            walk(entry.get("sections", []))
+
+    for part in toc.get("parts", []):
+        walk(part.get("chapters", []))
+    walk(toc.get("chapters", []))
+    return [str(Path(p).with_suffix("")) if Path(p).suffix in {".md", ".ipynb"} else p for p in pages]
+
+
+PAGES = toc_pages()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep pytest's output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    if not (HTML / "index.html").is_file():
+        _cannot_run(f"the book is not built ({HTML / 'index.html'} is missing): "
+                    "run `jupyter-book build . -W -n --keep-going` first (`make test` does)")
+    handler = functools.partial(_QuietHandler, directory=str(HTML))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # port 0: a free port
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _cannot_run("the Python package `playwright` is not installed (pip install -e '.[test]')")
+    if not (os.access(CHROMIUM, os.X_OK) or shutil.which(CHROMIUM)):
+        _cannot_run(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; "
+                    "or set MESA_CHROMIUM to a Chromium binary)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _url(base_url: str, page: str) -> str:
+    return urljoin(base_url, f"{page}.html")
+
+
+def _open(browser, url: str):
+    """Open ``url`` in a fresh page and record every console error, uncaught exception,
+    failed request and HTTP error response while it loads."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"uncaught exception: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} ({r.failure})"))
+    page.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+    page.goto(url, wait_until="load")
+    page.wait_for_load_state("networkidle")
+    return page, problems
+
+
+def test_toc_lists_pages_that_were_built():
+    assert len(PAGES) >= 2, f"_toc.yml lists only {PAGES}"
+    if not HTML.is_dir():
+        _cannot_run(f"the book is not built ({HTML} is missing)")
+    missing = [p for p in PAGES if not (HTML / f"{p}.html").is_file()]
+    assert not missing, f"pages in _toc.yml without built HTML: {missing}"
+
+
+@pytest.mark.parametrize("doc", PAGES)
+def test_page_loads_cleanly(browser, base_url, doc):
+    page, problems = _open(browser, _url(base_url, doc))
+    try:
+        assert page.locator("main h1").count() >= 1, f"{doc}: no <h1> title in the page's main content"
+        images = page.eval_on_selector_all(
+            "img", "els => els.map(e => ({src: e.currentSrc || e.src, ok: e.complete && e.naturalWidth > 0}))")
+        broken = [i["src"] for i in images if not i["ok"]]
+        assert not broken, f"{doc}: images that did not load: {broken}"
+        assert not problems, f"{doc}: " + "\n".join(problems)
+    finally:
+        page.close()
+
+
+def test_next_links_walk_the_toc(browser, base_url):
+    """From the first page, clicking "next" visits every page of the toc in order."""
+    page, problems = _open(browser, _url(base_url, PAGES[0]))
+    try:
+        for doc, following in zip(PAGES, PAGES[1:]):
+            link = page.locator("a.right-next").first
+            assert link.count() == 1, f"{doc}: no 'next' link (expected one to {following})"
+            link.click()
+            page.wait_for_load_state("load")
+            path = urlsplit(page.url).path.lstrip("/")
+            assert path == f"{following}.html", f"'next' on {doc} led to {path}, expected {following}.html"
+        assert page.locator("a.right-next").count() == 0, f"{PAGES[-1]} is last in the toc but has a 'next' link"
+        assert not problems, "\n".join(problems)
+    finally:
+        page.close()
+
+
+def _widget_pages() -> list[str]:
+    return [p for p in PAGES if (HTML / f"{p}.html").is_file()
+            and "application/vnd.jupyter.widget-view+json" in (HTML / f"{p}.html").read_text(errors="replace")]
+
+
+def test_book_has_saved_widgets():
+    """The book promises widgets (the trigger painter, the alpha/beta explorer): at least one
+    page must carry saved widget views, or the notebooks were executed without saving state."""
+    if not HTML.is_dir():
+        _cannot_run(f"the book is not built ({HTML} is missing)")
+    assert _widget_pages(), "no page of the built book contains a saved ipywidget view"
+
+
+@pytest.mark.parametrize("doc", [p for p in PAGES])
+def test_widgets_render(browser, base_url, doc):
+    """Every saved widget view on a page is replaced by rendered widget DOM."""
+    html_file = HTML / f"{doc}.html"
+    if not html_file.is_file() or "application/vnd.jupyter.widget-view+json" not in html_file.read_text(errors="replace"):
+        pytest.skip(f"{doc} has no widgets")
+    page, problems = _open(browser, _url(base_url, doc))
+    try:
+        assert page.locator(WIDGET_STATE).count() >= 1, f"{doc}: widget views but no embedded widget state"
+        n_views = page.locator(WIDGET_VIEW).count()
+        # html-manager inserts a div.widget-subarea holding the view before each view script
+        page.wait_for_function(
+            f"document.querySelectorAll('.widget-subarea .jupyter-widgets').length >= {n_views}", timeout=20_000)
+        rendered = page.eval_on_selector_all(
+            ".widget-subarea", "els => els.map(e => e.getBoundingClientRect().height)")
+        assert len(rendered) >= n_views and all(h > 0 for h in rendered), \
+            f"{doc}: {n_views} widget views, rendered heights {rendered}"
+        assert not problems, f"{doc}: " + "\n".join(problems)
+    finally:
+        page.close()
