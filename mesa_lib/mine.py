@@ -77,7 +77,8 @@ class MINE(nn.Module):
         with torch.no_grad():
             cur = lme.detach()
             r = self.ma_rate
-            new = torch.logaddexp(self.log_ma + math.log1p(-r), cur + math.log(r))
+            keep = math.log1p(-r) if r < 1.0 else -math.inf  # rate 1: the average is the current value
+            new = torch.logaddexp(self.log_ma + keep, cur + math.log(r))
             # first step: start the average at the current value (no branch, no host sync)
             self.log_ma.copy_(torch.where(torch.isnan(self.log_ma), cur, new))
         t_loss = -(t_joint.mean() - torch.exp(lme - self.log_ma.detach()))
