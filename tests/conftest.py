@@ -204,3 +204,19 @@ def fake_fmnist_splits(fake_fmnist_root: pathlib.Path):
     from mesa_lib.data import load_dataset
 
     return load_dataset("fashion-mnist", root=fake_fmnist_root, device="cpu")
+
+
+@pytest.fixture
+def torch_single_thread():
+    """Run a test with one torch thread (restored afterwards).
+
+    The small MLPs of MINE and the toy staircase are faster on one thread, and on a shared
+    2-core machine several intra-op threads spin against other processes and can be many
+    times slower.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
