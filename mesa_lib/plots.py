@@ -13,11 +13,12 @@ per image.
   (the paper's alpha and beta figures).
 * :func:`plot_training_history` -- MESA's curves per sub-model (from :func:`~mesa_lib.train_staircase`).
 * :func:`bar_per_class` -- one bar per class, one of them highlighted (detection scans, ASRs).
-* :func:`markdown_table` -- a small table as Markdown (renders in notebooks and the book).
+* :func:`table` -- a small table (HTML in notebooks and the book, no pandas needed).
 """
 
 from __future__ import annotations
 
+import html
 import math
 import numbers
 import operator
@@ -41,7 +42,7 @@ __all__ = [
     "trigger_embedding",
     "plot_training_history",
     "bar_per_class",
-    "markdown_table",
+    "table",
 ]
 
 
@@ -309,19 +310,37 @@ def bar_per_class(
     return ax
 
 
-def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], floatfmt: str = ".1%"):
-    """A table as :class:`IPython.display.Markdown` (floats formatted with ``floatfmt``).
+class Table:
+    """A small table that renders as HTML in notebooks and in the built book, and as
+    Markdown elsewhere; made by :func:`table`."""
 
-    Markdown output renders both in Jupyter and in the built book, without pandas.
+    def __init__(self, rows: list[list[str]], headers: list[str]):
+        self.rows, self.headers = rows, headers
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.rows)
+        return f'<table class="table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+    def _repr_markdown_(self) -> str:
+        lines = ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
+
+    def __repr__(self) -> str:
+        return self._repr_markdown_()
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], floatfmt: str = ".1%") -> Table:
+    """A table for a notebook: the last expression of a cell shows it (HTML, or Markdown).
+
+    Floats are formatted with ``floatfmt`` (default: percentages), other cells with ``str``.
+    Needs no pandas.
     """
-    from IPython.display import Markdown
-
+    headers = [str(h) for h in headers]
     if any(len(r) != len(headers) for r in rows):
         raise ValueError(f"every row needs {len(headers)} cells (one per header)")
 
     def cell(v: Any) -> str:
         return format(v, floatfmt) if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return Markdown("\n".join(lines))
+    return Table([[cell(v) for v in r] for r in rows], headers)

@@ -13,13 +13,13 @@ from matplotlib.offsetbox import AnnotationBbox  # noqa: E402
 
 from mesa_lib.plots import (  # noqa: E402
     bar_per_class,
-    markdown_table,
     patterns_tensor,
     pca_2d,
     plot_training_history,
     show_images,
     show_patterns,
     show_triggers,
+    table,
     trigger_embedding,
 )
 from mesa_lib.triggers import canonical_patterns, pattern_from_id  # noqa: E402
@@ -178,9 +178,11 @@ def test_bar_per_class_rejects_bad_input(kw):
         bar_per_class(**kw)
 
 
-def test_markdown_table():
-    md = markdown_table([["clean", 0.891, 3], ["backdoored", 0.5, 4]], ["model", "acc", "n"])
-    assert md.data.splitlines() == ["| model | acc | n |", "|---|---|---|", "| clean | 89.1% | 3 |",
-                                    "| backdoored | 50.0% | 4 |"]
+def test_table_html_and_markdown():
+    t = table([["clean", 0.891, 3], ["<b>", 0.5, 4]], ["model", "acc", "n"])
+    assert t._repr_markdown_().splitlines() == ["| model | acc | n |", "|---|---|---|", "| clean | 89.1% | 3 |",
+                                                "| <b> | 50.0% | 4 |"]
+    html = t._repr_html_()
+    assert html.count("<tr>") == 3 and "<td>89.1%</td>" in html and "&lt;b&gt;" in html
     with pytest.raises(ValueError):
-        markdown_table([["a"]], ["x", "y"])
+        table([["a"]], ["x", "y"])
