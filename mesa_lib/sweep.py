@@ -310,6 +310,7 @@ def run_sweep(
 
     def record(line: dict | None = None) -> None:
         if line is not None:
+            line = json.loads(json.dumps(line))  # as read back from the file (lists, not tuples)
             append_line(out, line)
             done[int(line["pattern"])] = line
             run_info["patterns_run"] += 1
