@@ -116,14 +116,19 @@ def train_classifier(
     desc: str = "train",
     progress: bool = True,
     callback: Callable[[int, nn.Module], None] | None = None,
+    schedule: str = "constant",
 ) -> nn.Module:
     """Train ``model`` in place with SGD on a dataset held as tensors on the model's device.
 
     ``batch_transform(x, y, generator) -> (x, y)`` edits each batch (poisoning, stamping);
     ``epochs`` may be fractional (e.g. ``0.5`` = half a pass). ``callback(epoch, model)`` runs
     after each whole epoch (for curves). The loss is shown every 50 steps (only with a
-    progress bar), so the loop does not wait for the device on every step.
+    progress bar), so the loop does not wait for the device on every step. ``schedule`` is
+    ``"constant"`` (fine-tuning: attack, defense) or ``"cosine"`` (decay to 0: training from
+    scratch ends converged, so a later fine-tune does not itself change clean accuracy).
     """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if lr <= 0:
@@ -134,6 +139,7 @@ def train_classifier(
     steps_per_epoch = math.ceil(n / batch_size)
     total = int(round(epochs * steps_per_epoch))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1)) if schedule == "cosine" else None
     g = torch.Generator(device=device).manual_seed(seed)
     model.train()
     step = 0
@@ -152,6 +158,8 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             step += 1
             if progress:
                 running = running + loss.detach()

@@ -80,14 +80,14 @@ def get_clean_model(
     torch.manual_seed(seed)
     model = build_model(preset.model, splits.channels, splits.num_classes, splits.image_size, preset.width).to(device)
     key = _key(__version__, splits.name, len(splits.train), preset.model, preset.width, preset.batch_size,
-               preset.clean_epochs, preset.clean_lr, preset.clean_weight_decay, seed)
+               preset.clean_epochs, preset.clean_lr, preset.clean_weight_decay, preset.clean_schedule, seed)
     path = _model_cache(f"clean-{splits.name}-{preset.model}", key)
     if use_cache and path.is_file():
         load_weights(model, path)
         return model.eval()
     train_classifier(model, splits.train, epochs=preset.clean_epochs, lr=preset.clean_lr,
                      batch_size=preset.batch_size, weight_decay=preset.clean_weight_decay,
-                     seed=seed, desc="clean training", progress=progress)
+                     seed=seed, desc="clean training", progress=progress, schedule=preset.clean_schedule)
     if use_cache:
         save_weights(model, path, {"dataset": splits.name, "preset": preset.name, "seed": seed})
     return model.eval()

@@ -28,6 +28,8 @@ class Preset:
     clean_epochs: float = 2
     clean_lr: float = 0.05
     clean_weight_decay: float = 0.0
+    clean_schedule: str = "cosine"
+    """Learning-rate schedule of clean training (cosine: ends converged, see train_classifier)."""
     # attack (poisoned fine-tuning)
     poison_ratio: float = 0.1
     attack_epochs: float = 1
