@@ -19,11 +19,12 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
 # Extra arguments for pytest, e.g.  make test PYTEST_ARGS='-m "not slow" -x'
 PYTEST_ARGS ?=
 
-.PHONY: help install data book test bench clean distclean
+.PHONY: help install data book test bench handouts clean distclean
 
 help:
 	@echo "make book   - install, fetch data, build the Jupyter Book into _build/html (strict)"
 	@echo "make test   - install, fetch data, run pytest on tests/ and the notebooks in book/"
+	@echo "make handouts - student notebooks (solutions removed) from book/10_exercises.ipynb into handouts/"
 	@echo "make install | data | bench | clean | distclean"
 
 # ---------------------------------------------------------------- install
@@ -80,6 +81,11 @@ test: install data
 # ---------------------------------------------------------------- bench
 bench: install data
 	$(PY) bench/bench_mesa.py
+
+# ---------------------------------------------------------------- handouts
+# Student versions of the exercise notebook: solutions -> `raise NotImplementedError()`.
+handouts: install
+	$(PY) scripts/make_handouts.py --out handouts
 
 # ---------------------------------------------------------------- clean
 clean:
