@@ -54,6 +54,9 @@ __all__ = [
     "read_finished",
     "append_line",
     "run_sweep",
+    "METHODS",
+    "load_sweep",
+    "summarize",
 ]
 
 NUM_COLOR_TRIGGERS = 10
@@ -380,3 +383,51 @@ def _run_ray(todo: Sequence[SweepTask], data: dict, preset: Preset, seed: int, n
     finally:
         if started:
             ray.shutdown()
+
+
+# ---------------------------------------------------------------- reading results
+
+METHODS = {"backdoored": "attack, no defense", "mesa": "MESA", "point": "point baseline",
+           "nc": "Neural Cleanse", "oracle": "oracle (true trigger)"}
+"""The models of a sweep line, in table order, with their display names."""
+
+
+def load_sweep(path: str | Path) -> list[dict]:
+    """The finished lines of a sweep file, sorted by pattern key (the file is not modified;
+    a half-written last line of a running sweep is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no sweep results at {path}; run `python -m mesa_lib sweep --out {path}` first")
+    done = read_finished(path, repair=False)
+    return [done[k] for k in sorted(done)]
+
+
+def summarize(lines: Sequence[dict]) -> dict:
+    """Per method: ASR min/mean/max and mean clean accuracy over the lines, and the mean
+    change of clean accuracy against the backdoored model; plus detection hits (the
+    detected class is the attacked one) for MESA's scan and Neural Cleanse (detected, and
+    flagged with anomaly index > 2)."""
+    if not lines:
+        raise ValueError("no sweep lines to summarize; is the sweep file empty?")
+    out: dict = {"n": len(lines), "methods": {}}
+    base = torch.tensor([l["backdoored"]["clean_acc"] for l in lines], dtype=torch.float64)
+    for key in METHODS:
+        have = [l for l in lines if key in l]
+        if not have:
+            continue
+        asr = torch.tensor([l[key]["asr"] for l in have], dtype=torch.float64)
+        acc = torch.tensor([l[key]["clean_acc"] for l in have], dtype=torch.float64)
+        ref = torch.tensor([l["backdoored"]["clean_acc"] for l in have], dtype=torch.float64)
+        out["methods"][key] = {
+            "name": METHODS[key], "n": len(have), "asr_min": float(asr.min()), "asr_mean": float(asr.mean()),
+            "asr_max": float(asr.max()), "clean_acc_mean": float(acc.mean()),
+            "clean_acc_change_mean": float((acc - ref).mean()),
+        }
+    target = [l["config"]["target"] for l in lines]
+    out["detection"] = {
+        "mesa_hits": sum(l["detection"]["detected_target"] == t for l, t in zip(lines, target)),
+        "nc_hits": sum(l["nc_detection"]["detected_target"] == t for l, t in zip(lines, target) if "nc_detection" in l),
+        "nc_flagged": sum(t in l["nc_detection"]["flagged"] for l, t in zip(lines, target) if "nc_detection" in l),
+    }
+    out["clean_acc_backdoored_mean"] = float(base.mean())
+    return out

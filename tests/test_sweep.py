@@ -202,3 +202,34 @@ def test_cli_sweep_reports_bad_patterns_clearly(capsys):
     assert main(["sweep", "--patterns", "170,abc", "--out", "unused.jsonl"]) == 2
     assert "comma list" in capsys.readouterr().err
     assert not Path("unused.jsonl").exists()
+
+
+def _fake_line(pattern: int, asr: dict, acc: float = 0.9, mesa_det: int = 0, nc_det: int = 0, flagged=(0,)) -> dict:
+    line = {"pattern": pattern, "config": {"target": 0},
+            "detection": {"detected_target": mesa_det}, "nc_detection": {"detected_target": nc_det, "flagged": list(flagged)}}
+    for k, a in asr.items():
+        line[k] = {"asr": a, "clean_acc": acc - (0.01 if k != "backdoored" else 0.0)}
+    return line
+
+
+def test_summarize_computes_ranges_changes_and_hits(tmp_path):
+    from mesa_lib.sweep import load_sweep, summarize
+
+    lines = [
+        _fake_line(1, {"backdoored": 0.9, "mesa": 0.02, "point": 0.3, "nc": 0.1, "oracle": 0.01}),
+        _fake_line(2, {"backdoored": 1.0, "mesa": 0.04, "point": 0.1, "nc": 0.2, "oracle": 0.03}, mesa_det=3, flagged=()),
+    ]
+    s = summarize(lines)
+    assert s["n"] == 2
+    m = s["methods"]
+    assert m["mesa"]["asr_min"] == 0.02 and m["mesa"]["asr_max"] == 0.04 and abs(m["mesa"]["asr_mean"] - 0.03) < 1e-12
+    assert abs(m["point"]["clean_acc_change_mean"] + 0.01) < 1e-9 and m["backdoored"]["clean_acc_change_mean"] == 0
+    assert s["detection"] == {"mesa_hits": 1, "nc_hits": 2, "nc_flagged": 1}
+    for line in lines:
+        append_line(tmp_path / "s.jsonl", line)
+    with open(tmp_path / "s.jsonl", "ab") as f:
+        f.write(b'{"pattern": 5')  # a running sweep's line in progress: ignored, file untouched
+    assert [l["pattern"] for l in load_sweep(tmp_path / "s.jsonl")] == [1, 2]
+    assert (tmp_path / "s.jsonl").read_bytes().endswith(b'{"pattern": 5')
+    with pytest.raises(ValueError, match="no sweep lines"):
+        summarize([])
