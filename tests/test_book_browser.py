@@ -2,10 +2,12 @@
 Chromium (Debian's ``/usr/bin/chromium`` driven by Playwright) from a local HTTP server.
 
 Checked on every page: no console error and no uncaught exception, no failed request and no
-HTTP error, every ``<img>`` loaded (``naturalWidth > 0``); the "next" links walk through the
-chapters in the order of ``_toc.yml``; every saved ipywidget renders as widget DOM (the
-widget state that nbclient saved at execution is embedded in the page and the
-``@jupyter-widgets/html-manager`` bundle, served from the book's own ``_static``, draws it).
+HTTP error, no request outside the local server (the book serves MathJax and the widget
+renderer itself, so it reads offline), every ``<img>`` loaded (``naturalWidth > 0``), every
+formula typeset by MathJax; the "next" links walk through the chapters in the order of
+``_toc.yml``; every saved ipywidget renders as widget DOM (the widget state that nbclient
+saved at execution is embedded in the page and ``@jupyter-widgets/html-manager``'s
+``embed.js`` draws it).
 
 The test needs the built HTML: ``make test`` builds the book first and then runs this file
 with ``MESA_BROWSER_TEST_REQUIRED=1``, which turns every "cannot run" skip into a failure.
@@ -109,16 +111,39 @@ def _url(base_url: str, page: str) -> str:
 
 def _open(browser, url: str):
     """Open ``url`` in a fresh page and record every console error, uncaught exception,
-    failed request and HTTP error response while it loads."""
+    failed request, HTTP error response and request that leaves the local server (those are
+    blocked: the book serves its widget and MathJax JavaScript itself, so it must render
+    offline) while it loads."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems: list[str] = []
+    origin = "{0.scheme}://{0.netloc}".format(urlsplit(url))
+
+    def only_local(route):
+        if route.request.url.startswith(origin) or route.request.url.startswith("data:"):
+            route.continue_()
+        else:
+            problems.append(f"request outside the book: {route.request.url}")
+            route.abort()
+
+    page.route("**/*", only_local)
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(f"uncaught exception: {e}"))
-    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} ({r.failure})"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} ({r.failure})")
+            if r.url.startswith(origin) else None)  # outside requests are reported above
     page.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
     page.goto(url, wait_until="load")
     page.wait_for_load_state("networkidle")
     return page, problems
+
+
+def _wait_for(page, condition: str, what: str, timeout_ms: int = 20_000) -> None:
+    """Wait until the JavaScript ``condition`` holds; fail saying ``what`` did not happen."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(condition, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        pytest.fail(f"{what} (waited {timeout_ms / 1000:.0f} s for `{condition}`)", pytrace=False)
 
 
 def test_toc_lists_pages_that_were_built():
@@ -138,6 +163,13 @@ def test_page_loads_cleanly(browser, base_url, doc):
             "img", "els => els.map(e => ({src: e.currentSrc || e.src, ok: e.complete && e.naturalWidth > 0}))")
         broken = [i["src"] for i in images if not i["ok"]]
         assert not broken, f"{doc}: images that did not load: {broken}"
+        # formulas (Sphinx wraps them in span/div.math) are typeset by MathJax
+        if page.locator(".math").count():
+            _wait_for(page, "document.querySelectorAll('mjx-container').length > 0",
+                      f"{doc}: MathJax typeset no formula")
+            raw = page.eval_on_selector_all(".math", "els => els.filter(e => !e.querySelector('mjx-container'))"
+                                                     ".map(e => e.textContent.slice(0, 60))")
+            assert not raw, f"{doc}: formulas left as raw TeX: {raw[:5]}"
         assert not problems, f"{doc}: " + "\n".join(problems)
     finally:
         page.close()
@@ -173,7 +205,7 @@ def test_book_has_saved_widgets():
     assert _widget_pages(), "no page of the built book contains a saved ipywidget view"
 
 
-@pytest.mark.parametrize("doc", [p for p in PAGES])
+@pytest.mark.parametrize("doc", PAGES)
 def test_widgets_render(browser, base_url, doc):
     """Every saved widget view on a page is replaced by rendered widget DOM."""
     html_file = HTML / f"{doc}.html"
@@ -184,8 +216,8 @@ def test_widgets_render(browser, base_url, doc):
         assert page.locator(WIDGET_STATE).count() >= 1, f"{doc}: widget views but no embedded widget state"
         n_views = page.locator(WIDGET_VIEW).count()
         # html-manager inserts a div.widget-subarea holding the view before each view script
-        page.wait_for_function(
-            f"document.querySelectorAll('.widget-subarea .jupyter-widgets').length >= {n_views}", timeout=20_000)
+        _wait_for(page, f"document.querySelectorAll('.widget-subarea .jupyter-widgets').length >= {n_views}",
+                  f"{doc}: {n_views} saved widget views were not rendered")
         rendered = page.eval_on_selector_all(
             ".widget-subarea", "els => els.map(e => e.getBoundingClientRect().height)")
         assert len(rendered) >= n_views and all(h > 0 for h in rendered), \
