@@ -193,8 +193,10 @@ def trigger_embedding(
     ``color`` is one matplotlib colour, one number per trigger (drawn with ``cmap`` and a
     colour bar, e.g. each trigger's ASR), or one label per trigger (a colour per label and
     a legend, e.g. which generator drew it). At most ``max_thumbnails`` triggers, picked at
-    random with ``seed``, get a thumbnail (an ``AnnotationBbox`` next to their point).
+    random with ``seed``, get a thumbnail (an ``AnnotationBbox`` on their point), framed in
+    the point's colour.
     """
+    from matplotlib.colors import to_rgba
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
     x = _as_images(triggers, "triggers")
@@ -203,6 +205,7 @@ def trigger_embedding(
     ax = _new_ax(ax, (6, 5))
     if color is None or isinstance(color, str):
         ax.scatter(xy[:, 0], xy[:, 1], s=10, color=color or "tab:blue", alpha=0.6)
+        point_colors = [to_rgba(color or "tab:blue")] * n
     else:
         values = list(color.tolist() if isinstance(color, torch.Tensor) else color)
         if len(values) != n:
@@ -210,13 +213,16 @@ def trigger_embedding(
         if all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
             sc = ax.scatter(xy[:, 0], xy[:, 1], s=10, c=values, cmap=cmap, alpha=0.8)
             ax.figure.colorbar(sc, ax=ax, label=colorbar_label)
+            point_colors = [tuple(c) for c in sc.cmap(sc.norm(values))]
         else:
             labels = [str(v) for v in values]
             groups = list(dict.fromkeys(labels))
             prop = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-            for k, lab in enumerate(groups):
+            group_color = {lab: prop[k % len(prop)] for k, lab in enumerate(groups)}
+            for lab in groups:
                 m = torch.tensor([lb == lab for lb in labels])
-                ax.scatter(xy[m, 0], xy[m, 1], s=10, color=prop[k % len(prop)], alpha=0.6, label=lab)
+                ax.scatter(xy[m, 0], xy[m, 1], s=10, color=group_color[lab], alpha=0.6, label=lab)
+            point_colors = [to_rgba(group_color[lb]) for lb in labels]
             ax.legend(loc="best", fontsize=8, markerscale=2)
     if thumbnails and max_thumbnails > 0:
         g = torch.Generator().manual_seed(seed)
@@ -225,8 +231,8 @@ def trigger_embedding(
         img = img.expand(*img.shape[:3], 3) if img.shape[-1] == 1 else img
         for k, i in enumerate(pick.tolist()):  # one artist per thumbnail: matplotlib needs one each
             box = OffsetImage(img[k].numpy(), zoom=zoom * 3, interpolation="nearest")
-            ax.add_artist(AnnotationBbox(box, (float(xy[i, 0]), float(xy[i, 1])), frameon=True, pad=0.1,
-                                         bboxprops={"edgecolor": "0.5", "linewidth": 0.5}))
+            ax.add_artist(AnnotationBbox(box, (float(xy[i, 0]), float(xy[i, 1])), frameon=True, pad=0.15,
+                                         bboxprops={"edgecolor": point_colors[i], "linewidth": 1.5}))
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     return ax

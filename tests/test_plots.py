@@ -135,6 +135,10 @@ def test_trigger_embedding_colour_by_label_and_value():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
     ax = trigger_embedding(trig, thumbnails=False, color=torch.linspace(0, 1, 12), colorbar_label="ASR")
     assert len(ax.figure.axes) == 2  # the plot and its colour bar
+    # thumbnails are framed in their point's colour: two groups -> two frame colours
+    ax = trigger_embedding(trig, color=["a"] * 6 + ["b"] * 6, max_thumbnails=12)
+    frames = {a.patch.get_edgecolor() for a in ax.artists if isinstance(a, AnnotationBbox)}
+    assert len(frames) == 2
     with pytest.raises(ValueError, match="one per trigger"):
         trigger_embedding(trig, color=[0.1, 0.2])
 
