@@ -41,8 +41,11 @@ NUM_PATTERNS = 512  # 2 ** (3 * 3) binary 3x3 patterns
 def _check_id(pattern: int) -> int:
     if isinstance(pattern, bool) or not isinstance(pattern, int):
         try:
-            pattern = int(pattern)
-        except (TypeError, ValueError):
+            value = float(pattern)
+            if not value.is_integer():
+                raise ValueError
+            pattern = int(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"pattern id must be an integer in 0..511, got {pattern!r}") from None
     if not 0 <= pattern < NUM_PATTERNS:
         raise ValueError(
@@ -205,9 +208,19 @@ def stamp(
         if not (0 <= r <= H - p and 0 <= c <= W - p):
             raise ValueError(f"location {(r, c)} puts the {p}x{p} trigger outside the {H}x{W} image")
         locations = torch.tensor([[r, c]], device=images.device).expand(B, 2)
-    locations = locations.to(images.device)
-    if locations.shape != (B, 2):
-        raise ValueError(f"locations must be [B={B}, 2], got shape {tuple(locations.shape)}")
+    else:
+        locations = torch.as_tensor(locations, device=images.device)
+        if locations.shape != (B, 2):
+            raise ValueError(f"locations must be [B={B}, 2], got shape {tuple(locations.shape)}")
+        # user-given corners: check them (one host sync), since a column past W - p would
+        # silently wrap the patch into the next row
+        limit = torch.tensor([H - p, W - p], device=images.device)
+        if bool(((locations < 0) | (locations > limit)).any()):
+            raise ValueError(
+                f"locations put the {p}x{p} trigger outside the {H}x{W} image; top-left corners "
+                f"must be in 0..{H - p} (row) and 0..{W - p} (col)"
+            )
+    locations = locations.long()
     offs = torch.arange(p, device=images.device)
     rows = locations[:, 0, None] + offs  # [B, p]
     cols = locations[:, 1, None] + offs  # [B, p]
