@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .attack import check_target
 from .data import ImageSet
 from .mine import MINE
 from .triggers import stamp
@@ -368,10 +369,8 @@ def train_mesa(
     device = next(classifier.parameters()).device
     images = images.to(device)
     num_classes = _num_classes(classifier, images)
-    targets = [target] if isinstance(target, int) else list(target)
-    for t in targets:
-        if isinstance(t, bool) or not 0 <= int(t) < num_classes:
-            raise ValueError(f"target class must be in 0..{num_classes - 1}, got {t}")
+    many = isinstance(target, (list, tuple)) or (isinstance(target, torch.Tensor) and target.dim() > 0)
+    targets = [check_target(t, num_classes) for t in (target if many else [target])]
     if trigger_shape is None:
         trigger_shape = (images.shape[1], 3, 3)
     if trigger_shape[-1] > images.shape[-1]:
