@@ -29,6 +29,7 @@ checker                         reference
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
@@ -343,18 +344,21 @@ def _group_count(rotate: bool, flip: bool, invert: bool) -> int:
     return len(seen)
 
 
-_MISSING = {}
+@lru_cache(maxsize=None)
+def _missing_by_count() -> dict[int, list[str]]:
+    """Number of classes -> the symmetries left out to get that number (e.g. 102 -> inversion)."""
+    out: dict[int, list[str]] = {}
+    for rot in (False, True):
+        for fl in (False, True):
+            for inv in (False, True):
+                missing = [w for w, on in (("rotations", rot), ("mirror flips", fl), ("colour inversion", inv))
+                           if not on]
+                out.setdefault(_group_count(rot, fl, inv), missing)
+    return out
 
 
 def _missing_hint(n_classes: int) -> str:
-    if not _MISSING:
-        for rot in (False, True):
-            for fl in (False, True):
-                for inv in (False, True):
-                    missing = [w for w, on in (("rotations", rot), ("mirror flips", fl), ("colour inversion", inv))
-                               if not on]
-                    _MISSING.setdefault(_group_count(rot, fl, inv), missing)
-    missing = _MISSING.get(n_classes)
+    missing = _missing_by_count().get(n_classes)
     if missing:
         return f"that is the count without {' and '.join(missing)}"
     return "compare all 16 images of a pattern: 4 rotations x (flipped or not) x (inverted or not)"
