@@ -327,13 +327,17 @@ def run_sweep(
         get_clean_model(splits, preset, seed, use_cache=True, progress=progress)
         data = {"dataset": dataset, "root": None if root is None else str(root), "device": device,
                 "train_limit": train_limit}
-        if backend == "ray":
-            _run_ray(todo, data, preset, seed, nc, workers, ray_address, record)
-        elif workers == 1:
-            for task in todo:
-                record(run_task(task, splits, preset, seed, nc, progress=False))
-        else:
-            _run_pool(todo, data, preset, seed, nc, workers, record)
+        try:
+            if backend == "ray":
+                _run_ray(todo, data, preset, seed, nc, workers, ray_address, record)
+            elif workers == 1:
+                for task in todo:
+                    record(run_task(task, splits, preset, seed, nc, progress=False))
+            else:
+                _run_pool(todo, data, preset, seed, nc, workers, record)
+        except KeyboardInterrupt:
+            log(f"interrupted: {len(done)} of {len(tasks)} triggers are in {out}; run the same command to resume")
+            raise
         run_info["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         record()
     return [done[t.pattern] for t in tasks]
