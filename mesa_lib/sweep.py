@@ -253,6 +253,21 @@ def _work(task: SweepTask, data: dict, preset: Preset, seed: int, nc: NCConfig) 
     return run_task(task, _worker_splits(data), preset, seed, nc, progress=False)
 
 
+def _git_state() -> str | None:
+    """``<commit>[+dirty]`` of the source tree mesa_lib runs from, or None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def _summary(line: dict) -> str:
     parts = [f"{k} {100 * line[k]['asr']:.1f}%" for k in ("backdoored", "mesa", "point", "nc", "oracle") if k in line]
     det = line.get("detection", {}).get("detected_target")
@@ -307,7 +322,7 @@ def run_sweep(
     run_info = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "finished": None,
                 "wall_s": 0.0, "patterns_run": 0, "backend": backend, "workers": workers,
                 "host": socket.gethostname(), "cpu_count": os.cpu_count(), "device": str(dev),
-                "argv": sys.argv[1:]}
+                "argv": sys.argv[1:], "git": _git_state()}
     runs.append(run_info)
     t0 = time.perf_counter()
 
