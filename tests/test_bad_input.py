@@ -125,7 +125,13 @@ def test_reverse_engineer_bad_target(clf):
         reverse_engineer_trigger(clf, torch.rand(4, 1, 28, 28), 10, progress=False)
 
 
-def test_run_pipeline_bad_target(fake_fmnist_splits, isolated_cache):
+def test_run_pipeline_bad_target(fake_fmnist_splits, isolated_cache, monkeypatch):
+    import mesa_lib.pipeline as pipeline
+
+    def no_training(*a, **k):
+        raise AssertionError("the target must be checked before any model is trained")
+
+    monkeypatch.setattr(pipeline, "get_clean_model", no_training)
     with pytest.raises(ValueError, match="target class"):
         run_pipeline(target=10, splits=fake_fmnist_splits, progress=False)
 
