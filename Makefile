@@ -1,7 +1,8 @@
 # MESA Book — the two commands are `make book` and `make test`.
 #
 #   make book    install into .venv, get Fashion-MNIST, build the book (strict)
-#   make test    install into .venv, get Fashion-MNIST, run pytest (+ notebooks via nbval)
+#   make test    install into .venv, get Fashion-MNIST, run pytest (+ notebooks via nbval),
+#                build the book (strict), open every page in headless Chromium
 #
 # Other targets: install, data, bench, clean, distclean, help.
 
@@ -23,7 +24,8 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make book   - install, fetch data, build the Jupyter Book into _build/html (strict)"
-	@echo "make test   - install, fetch data, run pytest on tests/ and the notebooks in book/"
+	@echo "make test   - install, fetch data, pytest on tests/ and the notebooks in book/ (nbval),"
+	@echo "              then build the book (strict) and check every page in headless Chromium"
 	@echo "make handouts - student notebooks (solutions removed) from book/10_exercises.ipynb into handouts/"
 	@echo "make install | data | bench | clean | distclean"
 
@@ -69,14 +71,24 @@ data: $(STAMP)
 	exit 1
 
 # ---------------------------------------------------------------- book
+# Strict: any warning (broken reference, missing glue key, failing notebook cell) fails it.
+BUILD_BOOK = $(VENV)/bin/jupyter-book build . -W -n --keep-going
+
 book: install data
-	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	$(BUILD_BOOK)
 	@echo ">> book built: open _build/html/index.html"
 
 # ---------------------------------------------------------------- test
-# Notebooks under book/ are executed by nbval (--nbval-lax: outputs not compared).
+# 1. unit tests, and every notebook under book/ executed by nbval (--nbval-lax: outputs are
+#    not compared; the notebooks' assert cells check their claims);
+# 2. the strict book build (it executes the notebooks again: execute_notebooks: force);
+# 3. the browser test on the built HTML (tests/test_book_browser.py); it must run here, so a
+#    missing build, Playwright or Chromium is a failure, not a skip.
+# Any failing step stops make with a non-zero status.
 test: install data
-	$(PY) -m pytest --nbval-lax $(PYTEST_ARGS) tests book
+	$(PY) -m pytest --nbval-lax $(PYTEST_ARGS) tests book --ignore=tests/test_book_browser.py
+	$(BUILD_BOOK)
+	MESA_BROWSER_TEST_REQUIRED=1 $(PY) -m pytest $(PYTEST_ARGS) tests/test_book_browser.py
 
 # ---------------------------------------------------------------- bench
 bench: install data
