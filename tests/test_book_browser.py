@@ -207,21 +207,28 @@ def test_book_has_saved_widgets():
 
 @pytest.mark.parametrize("doc", PAGES)
 def test_widgets_render(browser, base_url, doc):
-    """Every saved widget view on a page is replaced by rendered widget DOM."""
+    """Every saved widget view on a page has its model in the embedded widget state and is
+    replaced by widget DOM; at least one widget on the page is visible."""
     html_file = HTML / f"{doc}.html"
     if not html_file.is_file() or "application/vnd.jupyter.widget-view+json" not in html_file.read_text(errors="replace"):
         pytest.skip(f"{doc} has no widgets")
     page, problems = _open(browser, _url(base_url, doc))
     try:
-        assert page.locator(WIDGET_STATE).count() >= 1, f"{doc}: widget views but no embedded widget state"
-        n_views = page.locator(WIDGET_VIEW).count()
-        # html-manager inserts a div.widget-subarea holding the view before each view script
-        _wait_for(page, f"document.querySelectorAll('.widget-subarea .jupyter-widgets').length >= {n_views}",
-                  f"{doc}: {n_views} saved widget views were not rendered")
-        rendered = page.eval_on_selector_all(
-            ".widget-subarea", "els => els.map(e => e.getBoundingClientRect().height)")
-        assert len(rendered) >= n_views and all(h > 0 for h in rendered), \
-            f"{doc}: {n_views} widget views, rendered heights {rendered}"
+        views = page.evaluate(f"""() => {{
+            const state = {{}};
+            for (const s of document.querySelectorAll('{WIDGET_STATE}'))
+                Object.assign(state, JSON.parse(s.textContent).state);
+            const ids = [...document.querySelectorAll('{WIDGET_VIEW}')]
+                .map(s => JSON.parse(s.textContent).model_id);
+            return {{saved: ids.filter(id => id in state).length, missing: ids.filter(id => !(id in state))}};
+        }}""")
+        assert not views["missing"], f"{doc}: widget views whose state was not saved: {views['missing']}"
+        n = views["saved"]
+        # html-manager inserts a div.widget-subarea holding the rendered view before each view script
+        _wait_for(page, f"document.querySelectorAll('.widget-subarea > .jupyter-widgets').length >= {n}",
+                  f"{doc}: {n} saved widget views were not rendered")
+        heights = page.eval_on_selector_all(".widget-subarea", "els => els.map(e => e.getBoundingClientRect().height)")
+        assert max(heights) > 0, f"{doc}: {n} widgets rendered, none visible (heights {heights})"
         assert not problems, f"{doc}: " + "\n".join(problems)
     finally:
         page.close()
