@@ -28,7 +28,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-HTML = ROOT / "_build" / "html"
+# the built HTML; MESA_BOOK_HTML points elsewhere (e.g. a build made with --path-output)
+HTML = Path(os.environ.get("MESA_BOOK_HTML") or ROOT / "_build" / "html")
 CHROMIUM = os.environ.get("MESA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
