@@ -110,7 +110,9 @@ def test_lines_are_written_one_per_pattern_and_resume_skips_them(fmnist_root, tm
     out.write_text(text[0] + "\n" + text[1][: len(text[1]) // 2])
     redone = _sweep(fmnist_root, out)
     assert [l["pattern"] for l in _lines(out)] == [170, 341]
-    assert redone[1]["mesa"] == lines[1]["mesa"] and redone[1]["nc"] == lines[1]["nc"]  # same seed, same numbers
+    # same seed, same numbers -- though the first run trained the backdoored model and the
+    # redo loaded it from the cache: results do not depend on the cache's state
+    assert all(redone[1][k] == lines[1][k] for k in ("backdoored", "mesa", "point", "nc", "oracle", "detection"))
 
 
 def test_a_file_from_another_sweep_is_refused(fmnist_root, tmp_path):
