@@ -13,7 +13,7 @@ from .data import ImageSet
 from .models import BatchTransform, train_classifier
 from .triggers import stamp
 
-__all__ = ["poison_transform", "inject_backdoor", "check_ratio", "check_target"]
+__all__ = ["poison_transform", "inject_backdoor", "check_ratio", "check_target", "count_in_batch"]
 
 
 def check_ratio(name: str, ratio: float) -> float:
@@ -21,6 +21,13 @@ def check_ratio(name: str, ratio: float) -> float:
     if not (0.0 <= float(ratio) <= 1.0):
         raise ValueError(f"{name} must be a fraction in [0, 1], got {ratio}")
     return float(ratio)
+
+
+def count_in_batch(ratio: float, batch: int) -> int:
+    """How many images of a batch a fraction ``ratio`` touches: ``round(ratio * batch)``, but at
+    least one when ``ratio > 0`` (1% of a batch of 64 would otherwise round to nothing)."""
+    k = int(round(ratio * batch))
+    return max(k, 1) if ratio > 0 else k
 
 
 def check_target(target: int, num_classes: int) -> int:
@@ -34,15 +41,12 @@ def poison_transform(trigger: torch.Tensor, target: int, poison_ratio: float) ->
     """A batch transform that stamps ``trigger`` on the first ``poison_ratio`` of each batch
     (the batch is already shuffled) at random locations and relabels those images ``target``.
 
-    At least one image per batch is poisoned when ``poison_ratio > 0`` (1% of a batch of 64
-    would otherwise round to nothing).
+    At least one image per batch is poisoned when ``poison_ratio > 0`` (:func:`count_in_batch`).
     """
     check_ratio("poison_ratio", poison_ratio)
 
     def transform(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
-        k = int(round(poison_ratio * len(x)))
-        if poison_ratio > 0:
-            k = max(k, 1)
+        k = count_in_batch(poison_ratio, len(x))
         if k == 0:
             return x, y
         x, y = x.clone(), y.clone()

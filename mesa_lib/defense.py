@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .attack import check_ratio
+from .attack import check_ratio, count_in_batch
 from .data import ImageSet
 from .models import BatchTransform, train_classifier
 from .triggers import TriggerSampler, stamp
@@ -28,9 +28,7 @@ def stamp_transform(sampler: TriggerSampler, ratio: float) -> BatchTransform:
     check_ratio("retraining ratio", ratio)
 
     def transform(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
-        k = int(round(ratio * len(x)))
-        if ratio > 0:
-            k = max(k, 1)
+        k = count_in_batch(ratio, len(x))
         if k == 0:
             return x, y
         x = x.clone()

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .attack import check_ratio, check_target
+from .attack import check_ratio, count_in_batch, check_target
 from .data import ImageSet
 from .mesa import frozen
 from .models import BatchTransform, train_classifier
@@ -181,9 +181,7 @@ def blend_transform(mask: torch.Tensor, pattern: torch.Tensor, ratio: float) -> 
     check_ratio("unlearning ratio", ratio)
 
     def transform(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
-        k = int(round(ratio * len(x)))
-        if ratio > 0:
-            k = max(k, 1)
+        k = count_in_batch(ratio, len(x))
         if k == 0:
             return x, y
         x = x.clone()
