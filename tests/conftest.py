@@ -268,3 +268,16 @@ def tiny_backdoor():
     finally:
         torch.set_num_threads(before)
     return types.SimpleNamespace(splits=splits, model=model.eval(), trigger=trigger, target=0, **metrics)
+
+
+# nbval waits only 5 s for each output message after a cell has finished; on a busy 2-core
+# machine a kernel can take longer to flush a figure, which failed a cell spuriously. The
+# cell's own timeout (--nbval-cell-timeout) is unchanged. (This hook lives here, not in a
+# book/conftest.py: two conftest modules would shadow each other's imports.)
+NBVAL_OUTPUT_TIMEOUT_S = 60
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if type(item).__name__ == "IPyNbCell":
+            item.output_timeout = NBVAL_OUTPUT_TIMEOUT_S
