@@ -240,13 +240,17 @@ def target_probability(
 
 def classifier_score_fn(
     classifier: nn.Module, images: torch.Tensor, targets: torch.Tensor, trigger_noise: float = 0.1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, cpu_chunk: int | None = 64,
 ) -> ScoreFn:
     """The testing function of a backdoored classifier, batched over sub-models.
 
     Each trigger is pasted (plus Gaussian noise of std ``trigger_noise``) at a random location
     on its own randomly drawn image; the result is the softmax probability of the target of
     the trigger's sub-model (``targets[component]``). ``images`` stay on the device.
+
+    On the CPU the classifier pass runs in chunks of ``cpu_chunk`` images (measured: one pass
+    over 3 x 64 stamped images was slower than three passes of 64, as the activations leave
+    the cache); on a GPU it is one pass. The values and gradients are the same either way.
     """
     if images.dim() != 4 or len(images) == 0:
         raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got shape {tuple(images.shape)}")
@@ -257,9 +261,17 @@ def classifier_score_fn(
         n = len(triggers)
         idx = torch.randint(0, len(images), (n,), device=device, generator=generator)
         noisy = triggers + trigger_noise * torch.randn(triggers.shape, device=device, generator=generator)
-        return target_probability(classifier, images[idx], noisy, targets[component], generator=generator)
+        stamped, tgt = stamp(images[idx], noisy, generator=generator), targets[component]
+        if device.type != "cpu" or not cpu_chunk or n <= cpu_chunk:
+            return _target_softmax(classifier(stamped), tgt)
+        return torch.cat([_target_softmax(classifier(stamped[i:i + cpu_chunk]), tgt[i:i + cpu_chunk])
+                          for i in range(0, n, cpu_chunk)])
 
     return score
+
+
+def _target_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return logits.softmax(1).gather(1, targets.reshape(-1, 1)).squeeze(1)
 
 
 class StaircaseTrainer:
