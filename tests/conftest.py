@@ -23,6 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from mesa_lib.data import DATASETS
+
 FMNIST_STEMS = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -87,20 +89,9 @@ def _py2_pickle(obj: Any, path: pathlib.Path) -> None:
         _Py2Pickler(f, protocol=2).dump(obj)
 
 
-CIFAR100_FINE = (
-    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy "
-    "bridge bus butterfly camel can castle caterpillar cattle chair chimpanzee clock "
-    "cloud cockroach couch crab crocodile cup dinosaur dolphin elephant flatfish forest "
-    "fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard "
-    "lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid "
-    "otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum "
-    "rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail "
-    "snake spider squirrel streetcar sunflower sweet_pepper table tank telephone "
-    "television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf "
-    "woman worm"
-).split()
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
-                 "dog", "frog", "horse", "ship", "truck"]
+# the class names the fake meta files carry: the registry's own lists (one copy of the 100 names)
+CIFAR100_FINE = list(DATASETS["cifar100"].classes)
+CIFAR10_NAMES = list(DATASETS["cifar10"].classes)
 
 
 def write_fake_cifar(root: pathlib.Path, which: str = "cifar10", per_batch: int = 2,
