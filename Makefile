@@ -13,6 +13,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Extras installed by `make install`: the build needs `book`; `test` adds pytest, Playwright, Ray.
+EXTRAS ?= book,test
 
 # Debian's dataset-fashion-mnist package puts the four idx files here.
 FMNIST_DIR   ?= /usr/share/datasets/fashion-mnist
@@ -22,7 +24,7 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
 # Extra arguments for pytest, e.g.  make test PYTEST_ARGS='-m "not slow" -x'
 PYTEST_ARGS ?=
 
-.PHONY: help install data browser book test bench handouts clean distclean
+.PHONY: help install data browser book test bench handouts readme-results clean distclean
 
 help:
 	@echo "make book   - install, fetch data, execute every notebook once, build the Jupyter Book"
@@ -38,8 +40,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo ">> creating virtual environment $(VENV)"; $(PYTHON) -m venv $(VENV); }
-	@echo ">> pip install -e \".[book,test]\" into $(VENV)"
-	$(PY) -m pip install -e ".[book,test]"
+	@echo ">> pip install -e \".[$(EXTRAS)]\" into $(VENV)"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	@touch $@
 
 # ---------------------------------------------------------------- data
@@ -128,6 +130,11 @@ test: install data browser
 # ---------------------------------------------------------------- bench
 bench: install data
 	$(PY) bench/bench_mesa.py
+
+# ---------------------------------------------------------------- README
+# The README's results section, generated from the committed results files.
+readme-results: install
+	$(PY) scripts/readme_results.py
 
 # ---------------------------------------------------------------- handouts
 # Student versions of the exercise notebook: solutions -> `raise NotImplementedError()`.

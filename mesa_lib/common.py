@@ -32,6 +32,7 @@ __all__ = [
     "torch_threads",
     "thread_count",
     "check_writable",
+    "seeded",
 ]
 
 __version__ = "0.1.0"
@@ -130,3 +131,14 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise ValueError(f"cannot write {path}: {path if path.exists() else probe} is not writable; "
                          "choose another --out")
     return path
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with torch's global CPU random generator seeded by ``seed`` -- for the
+    one thing that draws from it, the default initialisation of a network's weights -- and
+    give the caller's generator state back afterwards, so that no function of the package
+    changes global random state behind the caller's back."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .common import __version__, atomic_write_text, check_writable, code_fingerprint, git_state, thread_count
+from .common import __version__, atomic_write_text, check_writable, code_fingerprint, git_state, seeded, thread_count
 from .attack import check_target, inject_backdoor
 from .baselines import reverse_engineer_trigger
 from .data import DatasetSplits, cache_dir, load_dataset
@@ -145,8 +145,9 @@ def get_clean_model(
     and thread count. A cache filled under other settings is never used."""
     preset = get_preset(preset)
     device = splits.train.images.device
-    torch.manual_seed(seed)
-    model = build_model(preset.model, splits.channels, splits.num_classes, splits.image_size, preset.width).to(device)
+    with seeded(seed):
+        model = build_model(preset.model, splits.channels, splits.num_classes, splits.image_size, preset.width)
+    model = model.to(device)
     key = model_cache_key("clean", splits, preset, seed)
     path = _model_cache(f"clean-{splits.name}-{preset.model}", key)
     if use_cache and _load_cached(model, path):
@@ -234,7 +235,6 @@ def run_pipeline(
     check_target(target, splits.num_classes)
     trigger = make_trigger(splits, pattern, color_seed).to(run.device)
     run.result["config"] = run_config(splits, preset, pattern, color_seed, trigger, target, seed, run.device)
-    torch.manual_seed(seed)
 
     with run.stage("clean_training", save=True):
         clean = get_clean_model(splits, preset, seed, use_cache=use_cache, progress=progress)

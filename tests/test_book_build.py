@@ -13,3 +13,11 @@ def test_vendored_javascript_matches_its_audit_list():
     SHA-256) in SHA256SUMS, which scripts/vendor_js.sh checks against npm's pinned tarballs."""
     r = subprocess.run(["bash", str(ROOT / "scripts" / "vendor_js.sh"), "--verify"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_readme_results_are_generated_from_the_committed_files():
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_results.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
