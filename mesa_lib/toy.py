@@ -78,8 +78,8 @@ def gibbs_optimum(
     """The exact minimiser of the sub-model objective on the toy, on an ``n x n`` grid.
 
     Over all densities ``p`` on the unit square, ``-E_p[min(f, beta)] - alpha * H(p)`` is
-    minimised by the Gibbs density ``q(x) = exp(min(f(x), beta) / alpha) / Z`` (uniform on
-    ``X_beta``, with mass outside it). ``alpha`` may be a float or a 1-D tensor of values
+    minimised by the Gibbs density ``q(x) = exp(min(f(x), beta) / alpha) / Z`` (flat on
+    ``X_beta``, with mass outside it; the book's chapter 4 proves it). ``alpha`` may be a float or a 1-D tensor of values
     ``[A]`` (all computed at once); ``alpha = 0`` gives the limit, the uniform density on
     ``{f >= beta}``. Returns, with a leading ``[A]`` axis when ``alpha`` is a tensor:
 
@@ -87,7 +87,7 @@ def gibbs_optimum(
       (per unit area, so ``density.mean() == 1``);
     * ``mass_inside``: ``int_{X_beta} q``, the share of the optimum inside the valid set;
     * ``entropy``: the differential entropy ``H(q)`` in nats (``log |X_beta|`` at ``alpha = 0``);
-    * ``objective``: the minimum ``-E_q[min(f, beta)] - alpha H(q) = -alpha log Z``.
+    * ``objective``: the minimum ``-E_q[min(f, beta)] - alpha H(q)`` (``= -alpha log Z``).
 
     Integrals are midpoint sums over the grid (each cell has area ``1 / n^2``), computed in
     float64 and in log space, so small ``alpha`` never overflows.
@@ -102,7 +102,10 @@ def gibbs_optimum(
     _, fv = landscape.grid(n)
     hinge = torch.minimum(fv.double(), torch.tensor(beta, dtype=torch.float64))  # [n*n]
     inside = fv > beta
-    # log q up to the constant: min(f, beta) / alpha; alpha = 0 -> 0 on the top set, -inf off it
+    if not bool((fv >= beta).any()):
+        raise ValueError(f"no grid point has f >= beta = {beta}: the valid set is empty on this grid")
+    # log q up to a constant: (min(f, beta) - beta) / alpha, 0 on {f >= beta} (shifting by
+    # beta / alpha keeps small alpha finite); alpha = 0 -> 0 on {f >= beta}, -inf off it
     top = hinge >= beta
     safe = torch.where(a > 0, a, torch.ones_like(a))[:, None]
     logits = torch.where(a[:, None] > 0, (hinge - beta) / safe,

@@ -77,6 +77,12 @@ def test_gibbs_optimum_rejects_bad_settings(beta, alpha):
         gibbs_optimum(LAND, beta, alpha)
 
 
+def test_gibbs_optimum_rejects_an_empty_valid_set():
+    low = ToyLandscape(heights=(0.5, 0.5))
+    with pytest.raises(ValueError, match="empty"):
+        gibbs_optimum(low, 0.8, 0.0)
+
+
 def test_bump_coverage_tells_the_discs_apart():
     pts, fv = LAND.grid(100)
     near_first = ((pts - torch.tensor(LAND.centers[0])) ** 2).sum(1) < 0.15 ** 2
