@@ -87,6 +87,7 @@ def execute(path: Path, cache_path: Path = CACHE, timeout: int | None = None) ->
 
 
 def _record_time(path: Path, seconds: float) -> None:
+    path = Path(path).resolve()
     TIMES.parent.mkdir(parents=True, exist_ok=True)
     try:
         times = json.loads(TIMES.read_text()) if TIMES.is_file() else {}
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-cached", action="store_true",
                     help="execute nothing; exit 1 if a notebook has no executed copy in the cache")
     args = ap.parse_args(argv)
-    paths = args.notebooks or toc_notebooks()
+    paths = [p.resolve() for p in args.notebooks] or toc_notebooks()
     if args.check_cached:
         missing = uncached(paths)
         for p in missing:
