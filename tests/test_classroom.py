@@ -1,350 +1,349 @@
-"""Tests of mesa_lib.exercises: each checker accepts the reference solution and rejects typical
-wrong answers with a message that names the mistake; and of scripts/make_handouts.py."""
+"""Tests of mesa_lib.classroom: each checker gives full marks to a correct answer, partial
+credit per hidden case, zero (with a message) to the reference or a call to it and to loops
+where they are forbidden, and feedback that names the mistake."""
 
 from __future__ import annotations
 
-import json
-import pathlib
-import subprocess
-import sys
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from mesa_lib.exercises import (
-    CORRECT,
-    check_canonical,
-    check_dv_bound,
-    check_hinge,
-    check_retrain_transform,
-    check_stamp,
-    reference_hinge_loss,
+from mesa_lib import classroom as cr
+from mesa_lib.classroom import checks, grading
+from mesa_lib.classroom.checks import (
+    check_anomaly_index, check_attack_success, check_canonical, check_dv_bound, check_gibbs_optimum,
+    check_hinge, check_mine_step, check_mixture_sample, check_retrain_transform, check_stamp, check_stamp_one,
+    check_testing_function, check_valid_mass, paste_at_random, reference_hinge_loss,
 )
-from mesa_lib.mine import dv_bound
+from mesa_lib.classroom.rubric import items
 from mesa_lib.defense import stamp_transform
+from mesa_lib.mine import dv_bound
 from mesa_lib.triggers import canonical_id, pattern_from_id, pattern_id, stamp, symmetry_class
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "book" / "10_exercises.ipynb"
+
+ALL = [check_stamp_one, check_stamp, check_canonical, check_testing_function, check_hinge, check_gibbs_optimum,
+       check_valid_mass, check_mixture_sample, check_dv_bound, check_mine_step, check_anomaly_index,
+       check_retrain_transform, check_attack_success]
 
 
-def verdict(checker, fn, capsys) -> tuple[bool, str]:
-    ok = checker(fn)
-    return ok, capsys.readouterr().out
+def graded(checker, fn, capsys):
+    score = checker(fn, hidden=True)
+    captured = capsys.readouterr()
+    assert captured.err == "", "a checker must not write to stderr (nbgrader gives 0 for it)"
+    return score, captured.out
 
 
-def assert_rejected(checker, fn, capsys, *words: str) -> None:
-    ok, out = verdict(checker, fn, capsys)
-    assert ok is False, out
-    assert CORRECT not in out
+def assert_score(checker, fn, capsys, points, *words):
+    score, out = graded(checker, fn, capsys)
+    assert float(score) == points, out
     for w in words:
         assert w.lower() in out.lower(), f"expected {w!r} in the message, got: {out}"
-
-
-# --------------------------------------------------------------------------- stamp
-def good_stamp(images, triggers, locations):
-    return stamp(images, triggers, locations)
-
-
-def loop_stamp(images, triggers, locations):
-    """A correct but loopy answer: the checker judges behaviour, not style."""
-    out = images.clone()
-    p = triggers.shape[-1]
-    for b, (r, c) in enumerate(locations.tolist()):
-        out[b, :, r:r + p, c:c + p] = triggers[b]
     return out
 
 
-def inplace_stamp(images, triggers, locations):
-    p = triggers.shape[-1]
-    for b, (r, c) in enumerate(locations.tolist()):
-        images[b, :, r:r + p, c:c + p] = triggers[b].detach()
-    return images
-
-
-def swapped_stamp(images, triggers, locations):
-    return stamp(images, triggers, locations.flip(1))
-
-
-def off_by_one_stamp(images, triggers, locations):
-    out = images.clone()
-    p = triggers.shape[-1]
-    for b, (r, c) in enumerate(locations.tolist()):
-        out[b, :, r:r + p, c:c + p] = triggers[b]
-        out[b, :, r + p - 1:r + p + 1, c] = 0.0  # overwrites one row below the patch
+# --------------------------------------------------------------------------- solutions
+def stamp_one(image, trigger, row, col):
+    p = trigger.shape[-1]
+    out = image.clone()
+    out[:, row:row + p, col:col + p] = trigger
     return out
 
 
-def detached_stamp(images, triggers, locations):
-    return stamp(images, triggers.detach(), locations)
+def my_stamp(images, triggers, locations):
+    B, p = images.shape[0], triggers.shape[-1]
+    offsets = torch.arange(p, device=images.device)
+    rows = (locations[:, 0, None] + offsets)[:, :, None]
+    cols = (locations[:, 1, None] + offsets)[:, None, :]
+    batch = torch.arange(B, device=images.device)[:, None, None]
+    out = images.clone()
+    out[batch, :, rows, cols] = triggers.permute(0, 2, 3, 1).to(out.dtype)
+    return out
 
 
-def first_trigger_stamp(images, triggers, locations):
-    return stamp(images, triggers[0], locations)
+def canon(i):
+    p = pattern_from_id(i)
+    ims = []
+    for q in (p, torch.flip(p, dims=[1])):
+        for k in range(4):
+            r = torch.rot90(q, k, dims=(0, 1))
+            ims += [r, 1 - r]
+    return min(pattern_id(q) for q in ims)
 
 
-def test_check_stamp_accepts_reference_and_loop(capsys):
-    assert verdict(check_stamp, good_stamp, capsys) == (True, CORRECT + "\n")
-    assert verdict(check_stamp, loop_stamp, capsys)[0]
+def canon_no_invert(i):
+    p = pattern_from_id(i)
+    return min(pattern_id(torch.rot90(q, k, dims=(0, 1))) for q in (p, torch.flip(p, dims=[1])) for k in range(4))
 
 
-@pytest.mark.parametrize("fn, words", [
-    (inplace_stamp, ["in place"]),
-    (swapped_stamp, ["swapped"]),
-    (lambda i, t, l: stamp(i, t.transpose(-1, -2), l), ["transposed"]),
-    (off_by_one_stamp, ["outside the patch"]),
-    (detached_stamp, ["not differentiable"]),
-    (first_trigger_stamp, ["patch does not hold the trigger"]),
-    (lambda i, t, l: stamp(i, t, l)[0], ["wrong shape"]),
-    (lambda i, t, l: i.numpy(), ["must be a torch.tensor"]),
-])
-def test_check_stamp_rejects(fn, words, capsys):
-    assert_rejected(check_stamp, fn, capsys, *words)
+def tfun(classifier, stamped, targets):
+    probs = classifier(stamped).softmax(1)
+    t = torch.as_tensor(targets).expand(len(stamped))
+    return probs.gather(1, t[:, None])[:, 0]
+
+
+def hinge(f, beta):
+    return -torch.minimum(f, torch.as_tensor(beta, dtype=f.dtype)).mean()
+
+
+def dv(tj, tm):
+    return tj.mean() - (torch.logsumexp(tm, 0) - math.log(len(tm)))
+
+
+def mine_step(T, optimizer, z, x, z_marginal):
+    x = x.detach()
+    bound = dv(T(z, x), T(z_marginal, x))
+    optimizer.zero_grad()
+    (-bound).backward()
+    optimizer.step()
+    return bound.detach()
+
+
+def mixture(candidates, gammas, generator):
+    n = candidates.shape[1]
+    comp = torch.multinomial(gammas / gammas.sum(), n, replacement=True, generator=generator)
+    return candidates[comp, torch.arange(n)]
+
+
+def gibbs(f, beta, alpha):
+    return torch.softmax(torch.clamp(f, max=beta) / alpha, 0)
+
+
+def mass(f, beta, alpha):
+    return gibbs(f, beta, alpha)[f > beta].sum().item()
+
+
+def anomaly(asr):
+    med = asr.median()
+    mad = (asr - med).abs().median() * 1.4826
+    top = int(asr.argmax())
+    return top, float((asr[top] - med) / mad.clamp(min=1e-3))
+
+
+def retrain_transform(x, y, sampler, ratio, generator):
+    k = int(round(ratio * len(x)))
+    if ratio > 0:
+        k = max(k, 1)
+    x = x.clone()
+    if k:
+        x[:k] = paste_at_random(x[:k], sampler.sample(k, generator=generator), generator)
+    return x, y
+
+
+def asr(model, images, labels, trigger, target, generator):
+    keep = labels != target
+    x = paste_at_random(images[keep], trigger, generator)
+    return (model(x).argmax(1) == target).float().mean().item()
+
+
+SOLUTIONS = [stamp_one, my_stamp, canon, tfun, hinge, gibbs, mass, mixture, dv, mine_step, anomaly,
+             retrain_transform, asr]
+
+
+@pytest.mark.parametrize("checker, fn", list(zip(ALL, SOLUTIONS)), ids=[c.__name__ for c in ALL])
+def test_solutions_get_full_marks(checker, fn, capsys):
+    score, out = graded(checker, fn, capsys)
+    assert score.full and float(score) == score.max_points, out
+    assert "Correct!" in out
+    assert repr(score) == repr(float(score))  # nbgrader reads the repr as partial credit
+    public = checker(fn)
+    assert public.full and "public example" in public.name
+
+
+def test_points_match_the_notebook():
+    """The notebook's nbgrader points equal the number of hidden cases of each checker."""
+    nb_items = items(NOTEBOOK)
+    assert [i.checker for i in nb_items] == [c.__name__ for c in ALL]
+    for it, checker in zip(nb_items, ALL):
+        score = checker(lambda *a: (_ for _ in ()).throw(NotImplementedError()), hidden=True)
+        assert score.max_points == it.points, it
+    assert {s.name: s.max_points for s in [c(None, hidden=True) for c in ALL]} == checks.POINTS
+    assert len(nb_items) >= 12 and sum(i.points for i in nb_items) == sum(checks.POINTS.values())
 
 
 def test_not_implemented_is_explained(capsys):
     def todo(*args):
         raise NotImplementedError()
 
-    for checker in (check_stamp, check_hinge, check_dv_bound, check_retrain_transform, check_canonical):
-        assert_rejected(checker, todo, capsys, "not implemented yet")
+    for checker in ALL:
+        assert_score(checker, todo, capsys, 0, "not implemented yet")
 
 
-def test_student_exception_is_reported_not_raised(capsys):
-    assert_rejected(check_stamp, lambda i, t, l: i @ t, capsys, "raised RuntimeError")
-
-
-# --------------------------------------------------------------------------- hinge
-def test_reference_hinge_is_the_training_line():
-    f = torch.tensor([0.2, 0.9, 0.6])
-    assert reference_hinge_loss(f, 0.8).item() == pytest.approx(-(0.2 + 0.8 + 0.6) / 3)
-
-
-def test_check_hinge_accepts_reference_and_clamp(capsys):
-    assert verdict(check_hinge, reference_hinge_loss, capsys)[0]
-    assert verdict(check_hinge, lambda f, b: -torch.where(f < b, f, b).mean(), capsys)[0]
-
-
-@pytest.mark.parametrize("fn, words", [
-    (lambda f, b: torch.minimum(f, torch.as_tensor(b)).mean(), ["wrong sign"]),
-    (lambda f, b: -torch.minimum(f, torch.as_tensor(b)).sum(), ["summed"]),
-    (lambda f, b: -torch.maximum(f, torch.as_tensor(b)).mean(), ["max(f, beta)"]),
-    (lambda f, b: -f.mean(), ["not capped"]),
-    (lambda f, b: -torch.minimum(f, torch.as_tensor(b)), ["scalar"]),
-    (lambda f, b: -torch.minimum(f.detach(), torch.as_tensor(b)).mean(), ["not differentiable"]),
-    (lambda f, b: -f.data.clamp_(max=0.8).mean(), ["in place"]),
-    (lambda f, b: -torch.minimum(f, torch.as_tensor(0.8)).mean(), ["wrong value"]),
+# --------------------------------------------------------------------------- reference detection
+@pytest.mark.parametrize("checker, fn, name", [
+    (check_stamp, stamp, "mesa_lib.triggers.stamp"),
+    (check_stamp, lambda i, t, l: stamp(i, t, l), "mesa_lib.triggers.stamp"),
+    (check_stamp, lambda i, t, l: paste_at_random(i, t) * 0 + stamp(i, t, l), "stamp"),
+    (check_stamp_one, lambda im, t, r, c: stamp(im[None], t, (r, c))[0], "stamp"),
+    (check_canonical, canonical_id, "canonical_id"),
+    (check_canonical, lambda i: symmetry_class(i)[0], "symmetry_class"),
+    (check_dv_bound, dv_bound, "dv_bound"),
+    (check_dv_bound, lambda a, b: dv_bound(a, b) + 0, "dv_bound"),
+    (check_hinge, reference_hinge_loss, "reference_hinge_loss"),
+    (check_retrain_transform, lambda x, y, s, r, g: stamp_transform(s, r)(x, y, g), "stamp_transform"),
+    (check_mixture_sample, checks.reference_mixture_sample, "reference_mixture_sample"),
+    (check_gibbs_optimum, checks.reference_gibbs_optimum, "reference_gibbs_optimum"),
 ])
-def test_check_hinge_rejects(fn, words, capsys):
-    assert_rejected(check_hinge, fn, capsys, *words)
+def test_reference_scores_zero(checker, fn, name, capsys):
+    out = assert_score(checker, fn, capsys, 0, "reference implementation", name)
+    assert "case 1" not in out  # no partial credit at all
 
 
-def test_check_hinge_rejects_wrong_gradient(capsys):
-    # right value, but a straight-through trick lets samples above beta keep a gradient
-    def leaky(f, b):
-        capped = torch.minimum(f, torch.as_tensor(b))
-        return -(f + (capped - f).detach()).mean()
-
-    assert_rejected(check_hinge, leaky, capsys, "f > beta still get a gradient")
+def test_trip_wire_is_removed_after_the_check(capsys):
+    code = stamp.__code__
+    assert_score(check_stamp, lambda i, t, l: stamp(i, t, l), capsys, 0)
+    assert stamp.__code__ is code
+    assert canonical_id(341) == 170  # the library still works
 
 
-# --------------------------------------------------------------------------- DV bound
-def naive_dv(tj, tm):
-    return tj.mean() - torch.log(torch.exp(tm).mean())
+def test_except_exception_does_not_hide_the_reference(capsys):
+    def sneaky(i, t, l):
+        try:
+            return stamp(i, t, l)
+        except Exception:  # noqa: BLE001
+            return my_stamp(i, t, l)
+
+    assert_score(check_stamp, sneaky, capsys, 0, "reference implementation")
 
 
-def test_check_dv_accepts_reference(capsys):
-    assert verdict(check_dv_bound, dv_bound, capsys)[0]
-    stable_manual = lambda tj, tm: tj.mean() - (tm.max() + torch.log(torch.exp(tm - tm.max()).mean()))
-    assert verdict(check_dv_bound, stable_manual, capsys)[0]
+# --------------------------------------------------------------------------- loops and syncs
+def loop_stamp(images, triggers, locations):
+    out = images.clone()
+    p = triggers.shape[-1]
+    for b in range(len(images)):
+        r, c = locations[b]
+        out[b, :, r:r + p, c:c + p] = triggers[b]
+    return out
 
 
-@pytest.mark.parametrize("fn, words", [
-    (naive_dv, ["overflows", "logsumexp"]),
-    (lambda tj, tm: tj.mean() - torch.logsumexp(tm, 0), ["log(n)"]),
-    (lambda tj, tm: dv_bound(tm, tj), ["swapped"]),
-    (lambda tj, tm: tj.mean() - tm.mean(), ["jensen"]),
-    (lambda tj, tm: -dv_bound(tj, tm), ["wrong sign"]),
-    (lambda tj, tm: dv_bound(tj, tm).detach(), ["not differentiable"]),
-    (lambda tj, tm: (tj - torch.logsumexp(tm, 0)), ["scalar"]),
-    (lambda tj, tm: dv_bound(tj, tm).item(), ["must be a torch.tensor"]),
+def _helper_with_loop(x):
+    return torch.stack([v for v in x])
+
+
+def stamp_via_helper(images, triggers, locations):
+    return _helper_with_loop(my_stamp(images, triggers, locations))
+
+
+def test_loops_score_zero_where_forbidden(capsys):
+    assert_score(check_stamp, loop_stamp, capsys, 0, "without python loops", "`for` loop")
+    assert_score(check_stamp, stamp_via_helper, capsys, 0, "list comprehension", "_helper_with_loop")
+    assert_score(check_testing_function,
+                 lambda c, s, t: torch.stack([c(s).softmax(1)[b, int(torch.as_tensor(t).expand(len(s))[b])]
+                                              for b in range(len(s))]), capsys, 0, "comprehension")
+    assert_score(check_mixture_sample, lambda c, g, gen: c[0], capsys, 0, "same step")  # no loop: graded
+
+
+def test_loops_allowed_where_not_forbidden(capsys):
+    assert_score(check_canonical, canon, capsys, 2)  # canon has loops: fine for this item
+
+
+def test_host_syncs_score_zero_in_the_gpu_item(capsys):
+    def syncing(images, triggers, locations):
+        p = triggers.shape[-1]
+        locs = locations.tolist()
+        return my_stamp(images, triggers, torch.tensor(locs)) if p else images
+
+    assert_score(check_stamp, syncing, capsys, 0, ".tolist()", "stall a GPU")
+
+
+def test_cpu_only_tensors_lose_the_device_case(capsys):
+    def cpu_stamp(images, triggers, locations):
+        B, p = images.shape[0], triggers.shape[-1]
+        offsets = torch.arange(p)
+        rows = (locations[:, 0, None] + offsets)[:, :, None]
+        cols = (locations[:, 1, None] + offsets)[:, None, :]
+        out = images.clone()
+        out[torch.arange(B)[:, None, None], :, rows, cols] = triggers.permute(0, 2, 3, 1)
+        return out
+
+    assert_score(check_stamp, cpu_stamp, capsys, 2, "another device", "device=images.device")
+
+
+# --------------------------------------------------------------------------- diagnoses
+@pytest.mark.parametrize("checker, fn, points, words", [
+    (check_stamp_one, lambda im, t, r, c: stamp_one(im, t, c, r), 0, ["swapped"]),
+    (check_stamp_one, lambda im, t, r, c: stamp_one(im, t.transpose(-1, -2), r, c), 0, ["transposed"]),
+    (check_stamp, lambda i, t, l: my_stamp(i, t, l.flip(1)), 0, ["swapped"]),
+    (check_stamp, lambda i, t, l: my_stamp(i, t.detach(), l), 0, ["not differentiable"]),
+    (check_canonical, lambda i: canon_no_invert(i), 0, ["102 classes", "without colour inversion"]),
+    (check_testing_function, lambda c, s, t: c(s).gather(1, torch.as_tensor(t).expand(len(s))[:, None])[:, 0],
+     0, ["logits"]),
+    (check_testing_function, lambda c, s, t: c(s).softmax(1)[:, 2], 1, ["same class"]),
+    (check_hinge, lambda f, b: torch.minimum(f, torch.as_tensor(b)).mean(), 0, ["wrong sign"]),
+    (check_hinge, lambda f, b: -torch.minimum(f, torch.as_tensor(b)).sum(), 0, ["summed"]),
+    (check_hinge, lambda f, b: -f.mean(), 0, ["not capped"]),
+    (check_hinge, lambda f, b: -torch.minimum(f.detach(), torch.as_tensor(b)).mean(), 0, ["not differentiable"]),
+    (check_dv_bound, lambda tj, tm: tj.mean() - torch.log(torch.exp(tm).mean()), 1, ["overflows", "logsumexp"]),
+    (check_dv_bound, lambda tj, tm: tj.mean() - torch.logsumexp(tm, 0), 0, ["log(n)"]),
+    (check_dv_bound, lambda tj, tm: tj.mean() - tm.mean(), 0, ["jensen"]),
+    (check_gibbs_optimum, lambda f, b, a: torch.exp(torch.clamp(f, max=b) / a) / torch.exp(
+        torch.clamp(f, max=b) / a).sum(), 2, ["overflows"]),
+    (check_gibbs_optimum, lambda f, b, a: torch.softmax(f / a, 0), 0, ["not capped"]),
+    (check_gibbs_optimum, lambda f, b, a: torch.exp(torch.clamp(f, max=b) / a), 0, ["sums to"]),
+    (check_valid_mass, lambda f, b, a: gibbs(f, b, a)[f >= b].sum().item(), 1, ["f = beta"]),
+    (check_valid_mass, lambda f, b, a: gibbs(f, b, a)[f <= b].sum().item(), 0, ["outside"]),
+    (check_anomaly_index, lambda a: (int(a.argmax()), float((a.max() - a.mean()) / a.std())), 0, ["median"]),
+    (check_anomaly_index, lambda a: (int(a.argmax()), float((a.max() - a.median()) / (
+        a - a.median()).abs().median().clamp(min=1e-3))), 1, ["1.4826"]),
+    (check_anomaly_index, lambda a: (int(a.argmax()), float((a.max() - a.median()) / (
+        1.4826 * (a - a.median()).abs().median()))), 2, ["clamp"]),
+    (check_retrain_transform, lambda x, y, s, r, g: (retrain_transform(x, y, s, r, g)[0], y * 0), 0, ["labels"]),
+    (check_retrain_transform, lambda x, y, s, r, g: (x, y), 0, ["must be stamped"]),
+    (check_attack_success, lambda m, i, l, t, tg, g: 100 * asr(m, i, l, t, tg, g), 0, ["percentage"]),
+    (check_attack_success, lambda m, i, l, t, tg, g: (m(paste_at_random(i, t, g)).argmax(1) == tg).float().mean(),
+     0, ["TRUE label"]),
 ])
-def test_check_dv_rejects(fn, words, capsys):
-    assert_rejected(check_dv_bound, fn, capsys, *words)
+def test_diagnoses(checker, fn, points, words, capsys):
+    assert_score(checker, fn, capsys, points, *words)
 
 
-# --------------------------------------------------------------------------- retraining transform
-def good_transform(x, y, sampler, ratio, g):
-    return stamp_transform(sampler, ratio)(x, y, g)
+def test_mine_step_diagnoses(capsys):
+    def no_zero(T, optimizer, z, x, z_marginal):
+        x = x.detach()
+        bound = dv(T(z, x), T(z_marginal, x))
+        (-bound).backward()
+        optimizer.step()
+        return bound.detach()
+
+    def descends(T, optimizer, z, x, z_marginal):
+        x = x.detach()
+        bound = dv(T(z, x), T(z_marginal, x))
+        optimizer.zero_grad()
+        bound.backward()
+        optimizer.step()
+        return bound.detach()
+
+    def leaks(T, optimizer, z, x, z_marginal):
+        bound = dv(T(z, x), T(z_marginal, x))
+        optimizer.zero_grad()
+        (-bound).backward()
+        optimizer.step()
+        return bound.detach()
+
+    assert_score(check_mine_step, no_zero, capsys, 0, "zero_grad")
+    assert_score(check_mine_step, descends, capsys, 0, "wrong direction")
+    assert_score(check_mine_step, leaks, capsys, 0, "detach")
 
 
-def manual_transform(x, y, sampler, ratio, g):
-    k = int(round(ratio * len(x)))
-    k = max(k, 1) if ratio > 0 else 0
-    x = x.clone()
-    if k:
-        x[:k] = stamp(x[:k], sampler.sample(k, generator=g), generator=g)
-    return x, y
+def test_mixture_diagnoses(capsys):
+    def unseeded(c, g, gen):
+        n = c.shape[1]
+        return c[torch.multinomial(g / g.sum(), n, replacement=True), torch.arange(n)]
+
+    def uniform(c, g, gen):
+        n = c.shape[1]
+        return c[torch.randint(0, len(g), (n,), generator=gen), torch.arange(n)]
+
+    assert_score(check_mixture_sample, unseeded, capsys, 0, "generator")
+    assert_score(check_mixture_sample, uniform, capsys, 1, "uniformly", "gamma_i = 0")
 
 
-def relabel_transform(x, y, sampler, ratio, g):
-    x, y = manual_transform(x, y, sampler, ratio, g)
-    y = y.clone()
-    y[: max(1, int(round(ratio * len(x))))] = 0
-    return x, y
-
-
-def inplace_transform(x, y, sampler, ratio, g):
-    k = max(1, int(round(ratio * len(x)))) if ratio > 0 else 0
-    if k:
-        x[:k] = stamp(x[:k], sampler.sample(k, generator=g), generator=g)
-    return x, y
-
-
-def no_minimum_transform(x, y, sampler, ratio, g):
-    k = int(ratio * len(x))
-    x = x.clone()
-    if k:
-        x[:k] = stamp(x[:k], sampler.sample(k, generator=g), generator=g)
-    return x, y
-
-
-def fixed_corner_transform(x, y, sampler, ratio, g):
-    k = max(1, int(round(ratio * len(x)))) if ratio > 0 else 0
-    x = x.clone()
-    if k:
-        x[:k] = stamp(x[:k], sampler.sample(k, generator=g), (0, 0))
-    return x, y
-
-
-def last_k_transform(x, y, sampler, ratio, g):
-    k = max(1, int(round(ratio * len(x)))) if ratio > 0 else 0
-    x = x.clone()
-    if k:
-        x[-k:] = stamp(x[-k:], sampler.sample(k, generator=g), generator=g)
-    return x, y
-
-
-def test_check_retrain_accepts_reference_and_manual(capsys):
-    assert verdict(check_retrain_transform, good_transform, capsys)[0]
-    assert verdict(check_retrain_transform, manual_transform, capsys)[0]
-
-
-@pytest.mark.parametrize("fn, words", [
-    (relabel_transform, ["labels changed", "true labels"]),
-    (inplace_transform, ["in place"]),
-    (no_minimum_transform, ["at least one image"]),
-    (fixed_corner_transform, ["same place", "random location"]),
-    (last_k_transform, ["first k"]),
-    (lambda x, y, s, r, g: x, ["pair"]),
-])
-def test_check_retrain_rejects(fn, words, capsys):
-    assert_rejected(check_retrain_transform, fn, capsys, *words)
-
-
-# --------------------------------------------------------------------------- 51 patterns
-def canon_from(rotate: bool, flip: bool, invert: bool):
-    def canon(i: int) -> int:
-        imgs = [pattern_from_id(i)]
-        if flip:
-            imgs += [torch.flip(q, dims=[1]) for q in imgs]
-        if rotate:
-            imgs = [torch.rot90(q, k, dims=(0, 1)) for q in imgs for k in range(4)]
-        if invert:
-            imgs += [1 - q for q in imgs]
-        return min(pattern_id(q) for q in imgs)
-
-    return canon
-
-
-def test_check_canonical(capsys):
-    assert verdict(check_canonical, canonical_id, capsys)[0]
-    assert verdict(check_canonical, canon_from(True, True, True), capsys)[0]
-    assert_rejected(check_canonical, canon_from(True, True, False), capsys, "without colour inversion")
-    assert_rejected(check_canonical, canon_from(True, False, True), capsys, "without mirror flips")
-    assert_rejected(check_canonical, lambda i: max(symmetry_class(i)), capsys, "smallest")
-    assert_rejected(check_canonical, lambda i: float(canonical_id(i)), capsys, "python int")
-
-
-# --------------------------------------------------------------------------- handouts
-def _notebook(cells):
-    return {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                        "language": "python"}},
-            "nbformat": 4, "nbformat_minor": 5}
-
-
-def _code(src, **meta):
-    return {"cell_type": "code", "execution_count": 3, "id": f"c{abs(hash(src)) % 10**8}",
-            "metadata": meta, "outputs": [{"output_type": "stream", "name": "stdout", "text": "Correct!\n"}],
-            "source": src}
-
-
-def _md(src):
-    return {"cell_type": "markdown", "id": f"m{abs(hash(src)) % 10**8}", "metadata": {}, "source": src}
-
-
-def run_handouts(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "make_handouts.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT)
-
-
-def test_make_handouts_on_a_small_notebook(tmp_path):
-    nb = _notebook([
-        _md("```{exercise} Stamping\n:label: ex-a\n\nWrite `f`.\n```"),
-        _md("```{solution-start} ex-a\n:class: dropdown\n```"),
-        _md("Explanation: SECRET_GATED."),
-        _code("def f(x):\n    \"\"\"Doc.\"\"\"\n    ### BEGIN SOLUTION\n    return SECRET_42 + x\n    ### END SOLUTION\n"),
-        _md("```{solution-end}\n```"),
-        _code("assert check(f)"),
-        _md("```{solution} ex-a\n:class: dropdown\nThe trick is SECRET_TEXT.\n```"),
-    ])
-    src = tmp_path / "ex.ipynb"
-    src.write_text(json.dumps(nb))
-    out_dir = tmp_path / "out"
-    res = run_handouts(str(src), "--out", str(out_dir))
-    assert res.returncode == 0, res.stderr
-    hand = json.loads((out_dir / "ex.ipynb").read_text())
-    text = json.dumps(hand)
-    assert "SECRET_42" not in text and "SECRET_TEXT" not in text and "SECRET_GATED" not in text
-    assert "BEGIN SOLUTION" not in text
-    assert "solution-start" not in text and "{solution}" not in text
-    sources = ["".join(c["source"]) for c in hand["cells"]]
-    assert 'def f(x):\n    """Doc."""\n    # YOUR CODE HERE\n    raise NotImplementedError()' in sources
-    assert "assert check(f)" in sources  # the check cell is kept
-    assert all(c.get("outputs", []) == [] for c in hand["cells"] if c["cell_type"] == "code")
-    assert "Exercise" in sources[0] and "Write `f`." in sources[0] and "```" not in sources[0]
-
-
-def test_make_handouts_rejects_unbalanced_markers(tmp_path):
-    nb = _notebook([_code("def f():\n    ### BEGIN SOLUTION\n    return 1\n")])
-    src = tmp_path / "bad.ipynb"
-    src.write_text(json.dumps(nb))
-    res = run_handouts(str(src), "--out", str(tmp_path / "out"))
-    assert res.returncode != 0
-    assert "END SOLUTION" in res.stderr
-
-
-def test_make_handouts_on_the_book(tmp_path):
-    """The real exercise notebook: no solution text survives, every check cell is kept."""
-    res = run_handouts("--out", str(tmp_path))
-    assert res.returncode == 0, res.stderr
-    solved = json.loads((ROOT / "book" / "10_exercises.ipynb").read_text())
-    hand = json.loads((tmp_path / "10_exercises.ipynb").read_text())
-    solutions = []
-    for c in solved["cells"]:
-        src = "".join(c["source"])
-        if "### BEGIN SOLUTION" in src:
-            body = src.split("### BEGIN SOLUTION", 1)[1].split("### END SOLUTION", 1)[0]
-            solutions += [ln.strip() for ln in body.splitlines() if len(ln.strip()) > 12]
-    assert len(solutions) >= 4
-    hand_text = "\n".join("".join(c["source"]) for c in hand["cells"])
-    for line in solutions:
-        assert line not in hand_text, f"solution line leaked into the handout: {line}"
-    hand_code = "\n".join("".join(c["source"]) for c in hand["cells"] if c["cell_type"] == "code")
-    assert "{solution" not in hand_text and "BEGIN SOLUTION" not in hand_code
-    checks = ["".join(c["source"]) for c in solved["cells"]
-              if c["cell_type"] == "code" and "check_" in "".join(c["source"])
-              and "BEGIN SOLUTION" not in "".join(c["source"])]
-    assert len(checks) >= 4
-    for chk in checks:
-        assert chk in hand_text
-    assert hand_text.count("raise NotImplementedError()") >= 4
+def test_summary_adds_up(capsys):
+    grading.SCORES.clear()
+    check_hinge(hinge, hidden=True)
+    check_dv_bound(lambda tj, tm: tj.mean() - torch.log(torch.exp(tm).mean()), hidden=True)
+    text = cr.summary()
+    assert "total" in text and "4 / 6" in text
