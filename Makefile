@@ -95,7 +95,8 @@ bench: install data
 	$(PY) bench/bench_mesa.py
 
 # ---------------------------------------------------------------- handouts
-# Student versions of the exercise notebook: solutions -> `raise NotImplementedError()`.
+# The student version of the graded assignment: nbgrader's preprocessors (solutions -> `raise
+# NotImplementedError()`, hidden tests removed) and the MyST markup rendered as plain Markdown.
 handouts: install
 	$(PY) scripts/make_handouts.py --out handouts
 

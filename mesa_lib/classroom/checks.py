@@ -18,11 +18,11 @@ check_stamp                 3       :func:`mesa_lib.triggers.stamp` (no loops, n
 check_canonical             2       :func:`mesa_lib.triggers.canonical_id`
 check_testing_function      2       :func:`reference_testing_function` (no loops)
 check_hinge                 3       :func:`reference_hinge_loss` (the hinge of ``train_staircase``)
-check_dv_bound              3       :func:`mesa_lib.mine.dv_bound`
-check_mine_step             3       :func:`reference_mine_step`
-check_mixture_sample        3       :func:`reference_mixture_sample` (no loops)
 check_gibbs_optimum         3       :func:`reference_gibbs_optimum`
 check_valid_mass            2       :func:`reference_valid_mass`
+check_mixture_sample        3       :func:`reference_mixture_sample` (no loops)
+check_dv_bound              3       :func:`mesa_lib.mine.dv_bound`
+check_mine_step             3       :func:`reference_mine_step`
 check_anomaly_index         3       :func:`reference_anomaly_index` (``scan_classes``' rule)
 check_retrain_transform     3       :func:`mesa_lib.defense.stamp_transform`
 check_attack_success        2       :func:`reference_attack_success`
@@ -900,6 +900,6 @@ def check_attack_success(fn: Callable, hidden: bool = False) -> Score:
 #: points per item (the number of hidden cases), in the notebook's order
 POINTS = {
     "stamp one image": 2, "batched stamping": 3, "51 patterns": 2, "testing function f": 2, "hinge": 3,
-    "DV bound": 3, "MINE training step": 3, "staircase mixture sampler": 3, "Gibbs optimum": 3,
-    "mass inside X_beta": 2, "target scan": 3, "retraining transform": 3, "attack success rate": 2,
+    "Gibbs optimum": 3, "mass inside X_beta": 2, "staircase mixture sampler": 3, "DV bound": 3,
+    "MINE training step": 3, "target scan": 3, "retraining transform": 3, "attack success rate": 2,
 }
