@@ -5,6 +5,7 @@ where they are forbidden, and feedback that names the mistake."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,33 @@ def test_summary_adds_up(capsys):
     check_dv_bound(lambda tj, tm: tj.mean() - torch.log(torch.exp(tm).mean()), hidden=True)
     text = cr.summary()
     assert "total" in text and "4 / 6" in text
+
+
+def test_every_cell_carries_nbgrader_metadata():
+    """Nothing leaks and nothing is editable by accident: every cell has a role for nbgrader."""
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    ids = []
+    for cell in nb.cells:
+        meta = cell.metadata.get("nbgrader")
+        assert meta, f"a cell without nbgrader metadata: {cell.source[:60]!r}"
+        ids.append(meta["grade_id"])
+        if meta.get("solution"):
+            assert cell.cell_type == "code" and "### BEGIN SOLUTION" in cell.source
+        elif meta.get("grade"):
+            assert meta["locked"] and meta["points"] > 0 and "### BEGIN HIDDEN TESTS" in cell.source
+            assert "hidden=True" in cell.source.split("### BEGIN HIDDEN TESTS", 1)[1]
+        else:
+            assert meta["locked"], f"an unlocked non-solution cell: {cell.source[:60]!r}"
+            assert "BEGIN SOLUTION" not in cell.source
+    assert len(ids) == len(set(ids))
+    total = sum(i.points for i in items(nb))
+    assert f"**{total:g} points**" in nb.cells[0].source
+    # the student's namespace gets checkers and tools, never a reference implementation
+    setup = next(c.source for c in nb.cells if "import" in c.source and c.cell_type == "code")
+    imported = set(re.findall(r"\b(\w+)\b", setup.split("from mesa_lib", 1)[1]))
+    for name in ("stamp", "dv_bound", "canonical_id", "stamp_transform", "attack_success_rate",
+                 "scan_classes", "train_staircase", "StaircaseSampler", "MINE"):
+        assert name not in imported, name
+    assert not any(n.startswith("reference_") for n in imported)
