@@ -130,7 +130,7 @@ def _make_course(course: Path) -> Path:
     (course / "nbgrader_config.py").write_text(
         "c = get_config()\n"
         "c.CourseDirectory.course_id = 'mesa-book'\n"
-        "c.ExecutePreprocessor.timeout = 300\n"
+        "c.Execute.timeout = 300  # seconds per cell (nbgrader's default, 30, is tight on a busy machine)\n"
     )
     (course / "source" / ASSIGNMENT).mkdir(parents=True)
     shutil.copy(NOTEBOOK, course / "source" / ASSIGNMENT / NOTEBOOK.name)
