@@ -378,3 +378,16 @@ def test_every_cell_carries_nbgrader_metadata():
                  "scan_classes", "train_staircase", "StaircaseSampler", "MINE"):
         assert name not in imported, name
     assert not any(n.startswith("reference_") for n in imported)
+
+
+def test_student_stderr_and_warnings_stay_out_of_the_cell(capsys):
+    import sys
+    import warnings
+
+    def noisy(f, beta):
+        print("debug", file=sys.stderr)
+        warnings.warn("careful")
+        return hinge(f, beta)
+
+    out = assert_score(check_hinge, noisy, capsys, 3, "wrote to stderr", "careful")
+    assert "debug" in out

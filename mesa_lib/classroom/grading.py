@@ -24,7 +24,9 @@ output): warnings raised by the student's code are caught and named in the feedb
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
+import io
 import textwrap
 import types
 import warnings
@@ -115,9 +117,12 @@ def _trip_wires(forbidden: Sequence[Callable]):
 def call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Call the student's function with the references trip-wired; turn its exceptions into a
     readable :class:`Wrong`."""
+    err_text = io.StringIO()
     with _trip_wires(_FORBIDDEN):
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            # nbgrader gives zero points to a cell that writes to stderr: keep the student's
+            # warnings and stderr prints out of the cell, and report them in the feedback
+            with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(err_text):
                 warnings.simplefilter("always")
                 out = fn(*args, **kwargs)
         except NotImplementedError:
@@ -129,6 +134,8 @@ def call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
             raise Wrong(f"your function raised {type(err).__name__}: {err}") from None
     if caught:
         _WARNINGS.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+    if err_text.getvalue().strip():
+        _WARNINGS.append("stderr: " + err_text.getvalue().strip().splitlines()[-1][:120])
     return out
 
 
@@ -305,7 +312,8 @@ def grade(
     finally:
         _FORBIDDEN.clear()
     if _WARNINGS:
-        lines.append("your code raised warnings: " + "; ".join(sorted(set(_WARNINGS))[:3]))
+        lines.append("your code raised warnings or wrote to stderr (not graded, but check them): "
+                     + "; ".join(sorted(set(_WARNINGS))[:3]))
     if points == total:
         lines.append("Correct!")
     return done(points, lines)
