@@ -137,7 +137,8 @@ readme-results: install
 	$(PY) scripts/readme_results.py
 
 # ---------------------------------------------------------------- handouts
-# Student versions of the exercise notebook: solutions -> `raise NotImplementedError()`.
+# The student version of the graded assignment: nbgrader's preprocessors (solutions -> `raise
+# NotImplementedError()`, hidden tests removed) and the MyST markup rendered as plain Markdown.
 handouts: install
 	$(PY) scripts/make_handouts.py --out handouts
 
