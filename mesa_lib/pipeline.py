@@ -36,7 +36,7 @@ from .evaluate import evaluate_model
 from .mesa import train_mesa
 from .models import build_model, load_weights, save_weights, train_classifier
 from .presets import Preset, get_preset
-from .triggers import FixedTrigger, pattern_from_id, random_color_triggers, trigger_from_pattern
+from .triggers import FixedTrigger, pattern_from_id, pattern_id, random_color_triggers, trigger_from_pattern
 
 __all__ = [
     "pick_device",
@@ -309,7 +309,7 @@ def run_config(splits: DatasetSplits, preset: Preset, pattern: int, color_seed: 
     """What a results line records about how it was made: the settings, and the code
     (fingerprint, git commit and dirty flag), torch version and thread count, so that it can
     be re-derived exactly."""
-    stamped = None if color_seed is not None else int("".join(str(int(b)) for b in trigger[0].flatten().tolist()), 2)
+    stamped = None if color_seed is not None else pattern_id(trigger[0])
     return {
         "dataset": splits.name, "pattern": pattern if color_seed is None else None, "stamped_pattern": stamped,
         "color_seed": color_seed, "target": target, "seed": seed, "device": str(device),
