@@ -31,8 +31,11 @@ How the zoo is built (so that nothing but the behaviour of a model tells its sta
 
 A known leak remains and is part of the game: models from the same base sit close together
 in weight space, and a backdoored model has moved further from its base than its clean
-siblings (its poisoned batches have larger losses). Students may discover it; the chapter's
-exercises ask them to measure it.
+siblings (its poisoned batches have larger losses). On the book's 4-model zoo the two
+backdoored models lie 1.5-1.7 from the mean weight vector, the two clean ones 0.94-0.95: a
+student comparing siblings can rank the models perfectly without running a single image.
+``bases=n`` (one base per model, ``--bases N`` on the command line) removes the siblings, at
+about 1.7 times the build cost; the chapter's exercises ask students to find the leak.
 """
 
 from __future__ import annotations
