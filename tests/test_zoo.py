@@ -176,6 +176,14 @@ def test_tiny_zoo_on_fake_data_then_no_overwrite(tmp_path, fake_fmnist_splits, t
         build_zoo(tmp_path / "zoo2", n=3, seed=2, key=tmp_path / "zoo_key.json", splits=fake_fmnist_splits,
                   progress=False)
     assert (tmp_path / "zoo_key.json").read_text() == before and not (tmp_path / "zoo2").exists()
+    # the seed (kept in the key) re-derives the zoo: same plan, same weights
+    again = build_zoo(tmp_path / "again", n=3, seed=1, splits=fake_fmnist_splits, progress=False)
+    assert {k: {f: v for f, v in m.items() if f not in ("clean_acc", "asr")} for k, m in again["models"].items()} \
+        == {k: {f: v for f, v in m.items() if f not in ("clean_acc", "asr")} for k, m in key["models"].items()}
+    for name in key["models"]:
+        a = load_zoo_model(tmp_path / "zoo", name).state_dict()
+        b = load_zoo_model(tmp_path / "again", name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
