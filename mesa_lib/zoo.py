@@ -17,7 +17,8 @@ named. :func:`reference_submission` is a baseline solution: MESA's scan on every
 
 How the zoo is built (so that nothing but the behaviour of a model tells its status):
 
-* a few *bases* are trained from scratch on clean data, each from its own seed;
+* clean *bases* are trained from scratch on clean data, each from its own seed -- by
+  default one per model; fewer (``bases``) make the zoo cheaper but leak, see below;
 * every zoo model starts from a copy of a base and is fine-tuned for the same number of SGD
   steps, with the same learning rate and batch size, with its own seed: a backdoored model
   on batches where a fraction of images carries its trigger and the target label (the
@@ -29,13 +30,17 @@ How the zoo is built (so that nothing but the behaviour of a model tells its sta
 * the seed (default: a fresh random one) is only in the key: with it the zoo can be rebuilt,
   so it must stay secret.
 
-A known leak remains and is part of the game: models from the same base sit close together
-in weight space, and a backdoored model has moved further from its base than its clean
-siblings (its poisoned batches have larger losses). On the book's 4-model zoo the two
-backdoored models lie 1.5-1.7 from the mean weight vector, the two clean ones 0.94-0.95: a
-student comparing siblings can rank the models perfectly without running a single image.
-``bases=n`` (one base per model, ``--bases N`` on the command line) removes the siblings, at
-about 1.7 times the build cost; the chapter's exercises ask students to find the leak.
+Why one base per model by default: models fine-tuned from one base sit close together in
+weight space (distance ~1-4 between siblings, ~21 between families on a 20-model zoo), so a
+student finds the families without running a single image; and a backdoored model has moved
+further from its base than its clean siblings, although both had the same number of steps
+(its poisoned batches have larger losses). On a 20-model zoo with 4 shared bases
+(``--bases 4``) the distance of a model to the mean of its family alone gave AUROC 1.0, and
+on the book's 4-model zoo (one base) the backdoored models lie 1.5-1.7 from the mean, the
+clean ones 0.94-0.95. With one base per model there are no siblings to compare with; a base
+costs about as much as a fine-tune, so this default costs about 1.7 times the shared-base
+build. The capstone chapter shares one base on purpose (to be quick) and asks students to
+find the leak.
 """
 
 from __future__ import annotations
@@ -153,7 +158,8 @@ def build_zoo(
     ``round(backdoored_fraction * n)`` models are backdoored, each with a canonical pattern
     (stamped as on the pipeline: its bright member on dark data) and a target class drawn from
     a generator seeded with ``seed`` (default: a fresh random seed, written to the key only).
-    ``bases`` clean models (default ``ceil(n / 5)``) are trained from scratch with the
+    ``bases`` clean models (default ``n``: one per model, see the module's docstring for why
+    fewer leak) are trained from scratch with the
     preset's clean-training settings; every zoo model is a copy of one base fine-tuned for
     ``finetune_epochs`` (default: the preset's ``attack_epochs``) at the preset's attack
     learning rate and batch size -- on poisoned batches (the preset's poison ratio) if
@@ -171,7 +177,7 @@ def build_zoo(
         raise ValueError(f"the zoo needs n >= 1 models, got {n!r}")
     n = int(n)
     check_ratio("backdoored_fraction", backdoored_fraction)
-    bases = max(1, math.ceil(n / 5)) if bases is None else int(bases)
+    bases = n if bases is None else int(bases)
     if not 1 <= bases <= n:
         raise ValueError(f"bases must be in 1..n ({n}), got {bases}")
     epochs = preset.attack_epochs if finetune_epochs is None else float(finetune_epochs)
@@ -511,7 +517,7 @@ def add_cli(sub) -> None:
     z.add_argument("--key", default=None, help="answer key JSON, outside --out (default: <out>_key.json)")
     z.add_argument("--preset", default="fast")
     z.add_argument("--bases", type=int, default=None, help="clean base models trained from scratch "
-                                                           "(default: ceil(n / 5))")
+                   "(default: n, one per model; fewer is cheaper but siblings leak by weight distance)")
     z.add_argument("--finetune-epochs", type=float, default=None, help="default: the preset's attack epochs")
     z.add_argument("--train-limit", type=int, default=None, help="use only the first training images")
     z.add_argument("--device", default=None)
