@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     s.add_argument("--data-root", default=None, help="directory holding the dataset")
     s.add_argument("--quiet", action="store_true", help="no log lines")
+    __import__("mesa_lib.zoo", fromlist=["add_cli"]).add_cli(sub)  # zoo, grade, zoo-reference
     return p
 
 
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             from .data import fetch
 
             print(f"{args.dataset} is available in {fetch(args.dataset, root=args.root)}")
+        elif args.command in ("zoo", "grade", "zoo-reference"):
+            from .zoo import run_cli
+
+            run_cli(args)
         elif args.command == "patterns":
             from .triggers import canonical_patterns
 
