@@ -63,6 +63,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .validate import check_images
+
 __all__ = [
     "ImageSet",
     "DatasetSplits",
@@ -99,14 +101,29 @@ class ImageSet:
         labels: int64 tensor ``[N]`` of class indices.
 
     Both tensors live on the same device; use :meth:`to` to move them and
-    :meth:`subset` to pick images.  The constructor checks shapes and dtypes
-    (not the value range, which would cost a pass over the data).
+    :meth:`subset` to pick images.  The constructor checks shapes and dtypes and
+    that every pixel is finite and in ``[0, 1]`` (one pass over the data and one
+    host sync); sets derived with :meth:`to` and :meth:`subset` are not
+    re-scanned.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
+        self._check_structure()
+        check_images(self.images, "ImageSet.images")
+
+    @classmethod
+    def _derived(cls, images: torch.Tensor, labels: torch.Tensor) -> "ImageSet":
+        """An ImageSet made from a checked one (moved or indexed): structure checks only."""
+        out = cls.__new__(cls)
+        out.images, out.labels = images, labels
+        out._check_structure()
+        return out
+
+    def _check_structure(self) -> None:
+        """Types, shapes, dtypes and devices (no pass over the values)."""
         images, labels = self.images, self.labels
         if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
             raise ValueError(
@@ -119,11 +136,11 @@ class ImageSet:
                 f"ImageSet.images must be 4-D [N, C, H, W], got shape {tuple(images.shape)}. "
                 "Add a channel axis with images.unsqueeze(1) for grey-scale data."
             )
-        if not images.is_floating_point():
+        if images.dtype != torch.float32:
+            fix = ("Convert uint8 pixels with images.float() / 255." if not images.is_floating_point()
+                   else "Convert with images.float().")
             raise ValueError(
-                "ImageSet.images must be a float tensor with values in [0, 1], "
-                f"got {images.dtype}. "
-                "Convert uint8 pixels with images.float() / 255."
+                f"ImageSet.images must be a float32 tensor with values in [0, 1], got {images.dtype}. {fix}"
             )
         if labels.dim() != 1:
             raise ValueError(
@@ -159,7 +176,7 @@ class ImageSet:
 
     def to(self, device: Device) -> "ImageSet":
         """Return a copy on ``device`` (no copy if already there)."""
-        return ImageSet(self.images.to(device), self.labels.to(device))
+        return ImageSet._derived(self.images.to(device), self.labels.to(device))
 
     def subset(self, index: torch.Tensor | slice) -> "ImageSet":
         """Return the images selected by ``index``.
@@ -173,7 +190,7 @@ class ImageSet:
         """
         if isinstance(index, torch.Tensor):
             index = index.to(self.images.device)
-        return ImageSet(self.images[index], self.labels[index])
+        return ImageSet._derived(self.images[index], self.labels[index])
 
 
 @dataclass(frozen=True)
