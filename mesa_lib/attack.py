@@ -6,19 +6,22 @@ location and its label replaced by the target class; the model is fine-tuned on 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 
 from .data import ImageSet
 from .models import BatchTransform, train_classifier
 from .triggers import stamp
+from .validate import check_trigger
 
 __all__ = ["poison_transform", "inject_backdoor", "check_ratio", "check_target", "count_in_batch"]
 
 
 def check_ratio(name: str, ratio: float) -> float:
     """Validate a fraction in [0, 1] (poison ratio, retraining ratio)."""
-    if not (0.0 <= float(ratio) <= 1.0):
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (0.0 <= float(ratio) <= 1.0):
         raise ValueError(f"{name} must be a fraction in [0, 1], got {ratio}")
     return float(ratio)
 
@@ -42,15 +45,17 @@ def poison_transform(trigger: torch.Tensor, target: int, poison_ratio: float) ->
     (the batch is already shuffled) at random locations and relabels those images ``target``.
 
     At least one image per batch is poisoned when ``poison_ratio > 0`` (:func:`count_in_batch`).
+    The trigger is checked once here (finite, in ``[0, 1]``), not on every batch.
     """
     check_ratio("poison_ratio", poison_ratio)
+    check_trigger(trigger, "trigger")
 
     def transform(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
         k = count_in_batch(poison_ratio, len(x))
         if k == 0:
             return x, y
         x, y = x.clone(), y.clone()
-        x[:k] = stamp(x[:k], trigger.to(x.device), generator=g)
+        x[:k] = stamp(x[:k], trigger.to(x.device), generator=g, check_finite=False)  # checked once up front
         y[:k] = target
         return x, y
 
@@ -71,15 +76,24 @@ def inject_backdoor(
     progress: bool = True,
 ) -> nn.Module:
     """Fine-tune ``model`` in place on poisoned batches; defaults are the authors' settings
-    (1% poison, SGD lr 1e-3, momentum 0.9, batch 128, 10 epochs, no augmentation)."""
+    (1% poison, SGD lr 1e-3, momentum 0.9, batch 128, 10 epochs, no augmentation).
+
+    Raises:
+        ValueError: a bad target, trigger (shape, size, channels, NaN/inf or values outside
+            ``[0, 1]``), ratio or training setting, before any training.
+    """
+    if not isinstance(train, ImageSet):
+        raise ValueError(f"train must be an ImageSet, got {type(train).__name__}")
     num_classes = _num_classes(model, train)
     check_target(target, num_classes)
-    if trigger.dim() != 3:
-        raise ValueError(f"trigger must be [C, p, p], got shape {tuple(trigger.shape)}")
+    if not isinstance(trigger, torch.Tensor) or trigger.dim() != 3:
+        shape = tuple(trigger.shape) if isinstance(trigger, torch.Tensor) else type(trigger).__name__
+        raise ValueError(f"trigger must be [C, p, p], got shape {shape}")
     if trigger.shape[-1] > train.images.shape[-1]:
         raise ValueError(
             f"trigger of size {trigger.shape[-1]} is larger than the images ({train.images.shape[-1]}); use a smaller trigger"
         )
+    check_trigger(trigger, "trigger", channels=train.images.shape[1])
     return train_classifier(
         model, train, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
         batch_transform=poison_transform(trigger, target, poison_ratio), seed=seed,

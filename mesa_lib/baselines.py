@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .data import ImageSet
 from .mesa import frozen
 from .triggers import stamp
+from .validate import check_images, finite_number, positive_int
 
 __all__ = ["reverse_engineer_triggers", "reverse_engineer_trigger"]
 
@@ -38,12 +39,24 @@ def reverse_engineer_triggers(
     The trigger is ``sigmoid(w)`` so pixels stay in ``[0, 1]``; ``w`` starts uniform in
     ``[-3, 3]`` (a random trigger) and is updated with Adam on the cross-entropy of the target
     class, each start on its own batch of ``batch_size`` stamped images.
+
+    Raises:
+        ValueError: counts that are not positive integers, a non-finite ``lr``, images that
+            are not float32, finite and in ``[0, 1]``, a trigger larger than the images, or a
+            target outside the classifier's classes.
     """
     images = data.images if isinstance(data, ImageSet) else data
     device = next(classifier.parameters()).device
+    n_triggers = positive_int("n_triggers", n_triggers)
+    steps = positive_int("steps", steps)
+    batch_size = positive_int("batch_size", batch_size)
+    trigger_size = positive_int("trigger_size", trigger_size)
+    finite_number("lr", lr, 0.0, strict=True)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"data must hold non-empty [N, C, H, W] images, got {shape}")
+    check_images(images, "reverse-engineering images")
     images = images.to(device)
-    if n_triggers < 1 or steps < 0:
-        raise ValueError(f"n_triggers must be >= 1 and steps >= 0, got {n_triggers}, {steps}")
     C = images.shape[1]
     if trigger_size > images.shape[-1]:
         raise ValueError(f"trigger of size {trigger_size} is larger than the images; use a smaller trigger")
@@ -58,7 +71,7 @@ def reverse_engineer_triggers(
         for _ in tqdm(range(steps), desc="point trigger", disable=not progress, leave=False):
             idx = torch.randint(0, len(images), (n_triggers * batch_size,), device=device, generator=g)
             trig = torch.sigmoid(w).repeat_interleave(batch_size, dim=0)
-            loss = F.cross_entropy(classifier(stamp(images[idx], trig, generator=g)), labels)
+            loss = F.cross_entropy(classifier(stamp(images[idx], trig, generator=g, check_finite=False)), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,15 +1,67 @@
 """Command line: ``python -m mesa_lib run|sweep|fetch-data|patterns``.
 
     python -m mesa_lib run --dataset fashion-mnist --pattern 170 --target 0 --preset fast --seed 0 --out results.json
+
+Exit codes:
+
+* ``0`` -- success.
+* ``2`` -- bad input or usage: an unknown option or value, a pattern or target out of range,
+  an ``--out`` that cannot be written, ``--device cuda`` without a GPU, data that cannot be
+  found, fetched or parsed. One line on stderr, starting with ``error:``; nothing was trained.
+* ``1`` -- an unexpected error (a bug): Python's traceback is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from typing import NoReturn
 
-__all__ = ["main", "format_table"]
+from .common import check_writable as check_out_path
+
+__all__ = ["main", "format_table", "parse_device", "check_out_path"]
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
+
+_EXIT_CODES = """exit codes:
+  0  success
+  2  bad input or usage (one line on stderr starting with 'error:'; nothing was trained)
+  1  unexpected error (a bug; Python's traceback is printed)"""
+
+_EPILOGS = {
+    "main": """examples:
+  python -m mesa_lib patterns
+  python -m mesa_lib fetch-data --dataset fashion-mnist
+  python -m mesa_lib run --pattern 170 --preset fast --out results.json
+  python -m mesa_lib sweep --patterns all --preset fast --out results/sweep.jsonl
+
+""" + _EXIT_CODES,
+    "run": """examples:
+  python -m mesa_lib run --dataset fashion-mnist --pattern 170 --target 0 --preset fast --out results.json
+  python -m mesa_lib run --dataset cifar10 --preset paper --device cuda:0 --oracle --out cifar10-170.json
+  python -m mesa_lib run --dataset cifar100 --color-seed 3 --target 7 --device cpu --quiet
+
+""" + _EXIT_CODES,
+    "sweep": """examples:
+  python -m mesa_lib sweep --preset fast --out results/sweep.jsonl          (rerun to resume)
+  python -m mesa_lib sweep --patterns 170,341 --workers 2 --device cpu --out results/two.jsonl
+  python -m mesa_lib sweep --dataset cifar100 --preset paper --device cuda --out results/c100.jsonl
+
+""" + _EXIT_CODES,
+    "fetch-data": """examples:
+  python -m mesa_lib fetch-data                        (Fashion-MNIST; nothing to do if Debian's
+                                                         dataset-fashion-mnist is installed)
+  python -m mesa_lib fetch-data --dataset cifar10 --root ~/data
+
+""" + _EXIT_CODES,
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def format_table(result: dict) -> str:
@@ -33,50 +85,135 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mesa_lib", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------- argument types
 
-    r = sub.add_parser("run", help="run the whole pipeline once: attack, detection, MESA, defenses")
-    r.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default), cifar10, cifar100")
+
+def parse_device(value: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N``, and a CUDA device must exist here.
+
+    Raises:
+        argparse.ArgumentTypeError: any other spelling, or CUDA asked for on a machine
+            without it (or with fewer than ``N + 1`` GPUs).
+    """
+    text = str(value).strip().lower()
+    index: int | None = None
+    if text.startswith("cuda:"):
+        number = text[len("cuda:"):]
+        if not number.isdigit():
+            raise argparse.ArgumentTypeError(f"device must be cpu, cuda or cuda:N (N a GPU index), got {value!r}")
+        index = int(number)
+    elif text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device must be cpu, cuda or cuda:N (N a GPU index), got {value!r}")
+    if text == "cpu":
+        return text
+    import torch
+
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} asked for, but CUDA is not available on this machine; use --device cpu "
+            "(or leave --device out to use a GPU only when there is one)")
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} asked for, but this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    return text
+
+
+def _dataset_name(value: str) -> str:
+    """An argparse type: a dataset name or alias (``CIFAR-10``) -> its canonical name."""
+    from .data import _canonical_name
+
+    try:
+        return _canonical_name(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _preset_name(value: str) -> str:
+    """An argparse type: a preset name, with the library's message for unknown ones."""
+    from .presets import get_preset
+
+    try:
+        return get_preset(value).name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _shared_options() -> argparse.ArgumentParser:
+    """Options common to ``run`` and ``sweep`` (one parent parser)."""
+    from .data import DATASETS
+    from .presets import PRESETS
+
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--dataset", type=_dataset_name, choices=list(DATASETS), default="fashion-mnist",
+                        help="dataset (default fashion-mnist)")
+    shared.add_argument("--preset", type=_preset_name, choices=list(PRESETS), default="fast",
+                        help="fast (CPU, minutes) or paper (authors' settings, GPU); default fast")
+    shared.add_argument("--seed", type=int, default=0, help="experiment seed (default 0)")
+    shared.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
+    shared.add_argument("--device", type=parse_device, default=None, metavar="{cpu,cuda,cuda:N}",
+                        help="where to compute (default: cuda if available, else cpu)")
+    shared.add_argument("--data-root", default=None, help="directory holding the dataset (default: search)")
+    shared.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    return shared
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _OneLineParser(prog="python -m mesa_lib", description=__doc__.splitlines()[0],
+                       epilog=_EPILOGS["main"], formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    shared = _shared_options()
+
+    r = sub.add_parser("run", parents=[shared], epilog=_EPILOGS["run"], formatter_class=fmt,
+                       help="run the whole pipeline once: attack, detection, MESA, defenses")
     r.add_argument("--pattern", type=int, default=170, help="3x3 pattern id 0..511 (default 170, the chequer)")
     r.add_argument("--color-seed", type=int, default=None, help="use a seeded random colour trigger instead")
-    r.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
-    r.add_argument("--preset", default="fast", help="fast (CPU, minutes) or paper (authors' settings, GPU)")
-    r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="results.json", help="JSON results file (written after every stage)")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    r.add_argument("--data-root", default=None, help="directory holding the dataset")
     r.add_argument("--cache", action="store_true", help="reuse cached clean/backdoored models")
     r.add_argument("--oracle", action="store_true", help="also defend with the true trigger")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    f = sub.add_parser("fetch-data", help="make a dataset available offline (downloads with internet)")
-    f.add_argument("--dataset", default="fashion-mnist")
-    f.add_argument("--root", default=None)
+    f = sub.add_parser("fetch-data", epilog=_EPILOGS["fetch-data"], formatter_class=fmt,
+                       help="make a dataset available offline (downloads with internet)")
+    f.add_argument("--dataset", type=_dataset_name, choices=list(DATASETS), default="fashion-mnist")
+    f.add_argument("--root", default=None, help="where to put it (default: the user cache)")
 
-    sub.add_parser("patterns", help="list the 51 canonical 3x3 patterns")
+    sub.add_parser("patterns", help="list the 51 canonical 3x3 patterns", epilog=_EXIT_CODES, formatter_class=fmt)
 
-    s = sub.add_parser("sweep", help="the paper's experiment: every pattern, one JSON line each (resumable)")
-    s.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default), cifar10, cifar100")
+    s = sub.add_parser("sweep", parents=[shared], epilog=_EPILOGS["sweep"], formatter_class=fmt,
+                       help="the paper's experiment: every pattern, one JSON line each (resumable)")
     s.add_argument("--patterns", default="all", help="'all' (default) or a comma list of ids, e.g. 170,341")
-    s.add_argument("--preset", default="fast", help="fast (CPU) or paper (authors' settings, GPU)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--target", type=int, default=0, help="target class of the pattern attacks (default 0)")
     s.add_argument("--out", default="results/sweep.jsonl", help="JSONL file, one line per pattern; rerun to resume")
     s.add_argument("--workers", type=int, default=1, help="patterns run in parallel (processes or Ray tasks)")
     s.add_argument("--backend", default="local", choices=["local", "ray"])
     s.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
-    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    s.add_argument("--data-root", default=None, help="directory holding the dataset")
-    s.add_argument("--quiet", action="store_true", help="no log lines")
-    __import__("mesa_lib.zoo", fromlist=["add_cli"]).add_cli(sub)  # zoo, grade, zoo-reference
+    from .zoo import add_cli as add_zoo_cli
+
+    add_zoo_cli(sub)  # zoo, grade, zoo-reference
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _parse(argv: list[str] | None) -> argparse.Namespace | int:
+    """Parsed arguments, or the exit code argparse asked for (``--help``: 0, bad usage: 2)."""
     try:
+        return _parser().parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    args = _parse(argv)
+    if isinstance(args, int):
+        return args
+    try:
+        if args.command in ("run", "sweep"):
+            check_out_path(args.out)  # before any data is loaded or model trained
         if args.command == "run":
             from .pipeline import run_pipeline
 
@@ -111,5 +248,5 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(ids)} canonical patterns:", " ".join(map(str, ids)))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    return EXIT_OK

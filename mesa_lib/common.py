@@ -114,22 +114,30 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Check, before any work is done, that a results file can be written at ``path``:
-    it is not a folder, and its folder exists (or can be created) and is writable.
-    Raises ``ValueError`` with one line that says what to do."""
-    path = Path(path)
+def check_writable(out: str | os.PathLike) -> Path:
+    """Check, without touching it, that a results file ``out`` can be written -- before any
+    work is done, so a run is never lost at its end.
+
+    ``out`` must not be a directory; its nearest existing ancestor must be a directory that
+    this process may write in (missing folders below it are created when writing); an
+    existing ``out`` must itself be writable. The file is neither read nor modified.
+
+    Raises:
+        ValueError: one line saying what is wrong and what to do.
+    """
+    path = Path(out).expanduser()
     if path.is_dir():
-        raise ValueError(f"--out {path} is a folder; give a file name, e.g. {path / 'results.json'}")
-    parent = path.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"cannot write {path}: {probe} is a file, not a folder; choose another --out")
-    if not os.access(probe, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"cannot write {path}: {path if path.exists() else probe} is not writable; "
-                         "choose another --out")
+        raise ValueError(f"--out {out} is a directory; give a file name, e.g. --out {path / 'results.json'}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {out}: {ancestor} is a file, not a folder; choose a path inside a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"--out {out} is not writable (permission denied); choose another file or fix its permissions")
+    if not path.exists() and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot create files in {ancestor} (read-only or permission denied); "
+                         "choose a writable folder")
     return path
 
 

@@ -35,7 +35,9 @@ at
 
 and only downloaded (with ``download=True``, into the user cache, through
 torchvision) when none of these has it.  CIFAR-10/100 are searched for the
-same way (without the Debian step) and parsed by torchvision's own classes.
+same way (without the Debian step). Their python-version files are pickles: each one is
+checked against the md5 sum of the official archive and parsed by a restricted unpickler that
+only rebuilds numpy arrays, so a tampered file is refused instead of run.
 
 Example::
 
@@ -47,18 +49,21 @@ Example::
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import hashlib
 import math
 import os
 import pathlib
 import pickle
 import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
+
+from .validate import check_images
 
 __all__ = [
     "ImageSet",
@@ -96,14 +101,29 @@ class ImageSet:
         labels: int64 tensor ``[N]`` of class indices.
 
     Both tensors live on the same device; use :meth:`to` to move them and
-    :meth:`subset` to pick images.  The constructor checks shapes and dtypes
-    (not the value range, which would cost a pass over the data).
+    :meth:`subset` to pick images.  The constructor checks shapes and dtypes and
+    that every pixel is finite and in ``[0, 1]`` (one pass over the data and one
+    host sync); sets derived with :meth:`to` and :meth:`subset` are not
+    re-scanned.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
+        self._check_structure()
+        check_images(self.images, "ImageSet.images")
+
+    @classmethod
+    def _derived(cls, images: torch.Tensor, labels: torch.Tensor) -> "ImageSet":
+        """An ImageSet made from a checked one (moved or indexed): structure checks only."""
+        out = cls.__new__(cls)
+        out.images, out.labels = images, labels
+        out._check_structure()
+        return out
+
+    def _check_structure(self) -> None:
+        """Types, shapes, dtypes and devices (no pass over the values)."""
         images, labels = self.images, self.labels
         if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
             raise ValueError(
@@ -116,11 +136,11 @@ class ImageSet:
                 f"ImageSet.images must be 4-D [N, C, H, W], got shape {tuple(images.shape)}. "
                 "Add a channel axis with images.unsqueeze(1) for grey-scale data."
             )
-        if not images.is_floating_point():
+        if images.dtype != torch.float32:
+            fix = ("Convert uint8 pixels with images.float() / 255." if not images.is_floating_point()
+                   else "Convert with images.float().")
             raise ValueError(
-                "ImageSet.images must be a float tensor with values in [0, 1], "
-                f"got {images.dtype}. "
-                "Convert uint8 pixels with images.float() / 255."
+                f"ImageSet.images must be a float32 tensor with values in [0, 1], got {images.dtype}. {fix}"
             )
         if labels.dim() != 1:
             raise ValueError(
@@ -156,7 +176,7 @@ class ImageSet:
 
     def to(self, device: Device) -> "ImageSet":
         """Return a copy on ``device`` (no copy if already there)."""
-        return ImageSet(self.images.to(device), self.labels.to(device))
+        return ImageSet._derived(self.images.to(device), self.labels.to(device))
 
     def subset(self, index: torch.Tensor | slice) -> "ImageSet":
         """Return the images selected by ``index``.
@@ -170,7 +190,7 @@ class ImageSet:
         """
         if isinstance(index, torch.Tensor):
             index = index.to(self.images.device)
-        return ImageSet(self.images[index], self.labels[index])
+        return ImageSet._derived(self.images[index], self.labels[index])
 
 
 @dataclass(frozen=True)
@@ -492,17 +512,21 @@ def find_data_root(name: str, root: PathLike | None = None) -> pathlib.Path:
 
 
 def _download(name: str, target: pathlib.Path) -> None:
-    """Download ``name`` into ``target`` through torchvision (needs internet)."""
+    """Download ``name`` into ``target`` through torchvision (needs internet).
+
+    CIFAR is only downloaded and extracted here (the archive's md5 is checked); it is parsed
+    by :func:`_load_cifar_part`, never by torchvision's plain ``pickle.load``.
+    """
     import torchvision.datasets as tvd
+    from torchvision.datasets.utils import download_and_extract_archive
 
     target.mkdir(parents=True, exist_ok=True)
     if name == "fashion-mnist":
         for train in (True, False):
             tvd.FashionMNIST(str(target), train=train, download=True)
     else:
-        cls = _tolerant_cifar_class(name)
-        for train in (True, False):
-            cls(str(target), train=train, download=True)
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        download_and_extract_archive(cls.url, str(target), filename=cls.filename, md5=cls.tgz_md5)
 
 
 def fetch(name: str = "fashion-mnist", root: PathLike | None = None) -> pathlib.Path:
@@ -515,6 +539,10 @@ def fetch(name: str = "fashion-mnist", root: PathLike | None = None) -> pathlib.
 
     Returns:
         The directory :func:`find_data_root` now returns for it.
+
+    Raises:
+        ValueError: unknown name, or the download failed (e.g. no internet): one line that
+            says how to get the data offline.
     """
     name = _canonical_name(name)
     try:
@@ -522,8 +550,21 @@ def fetch(name: str = "fashion-mnist", root: PathLike | None = None) -> pathlib.
     except FileNotFoundError:
         pass
     target = pathlib.Path(root).expanduser() if root is not None else cache_dir() / name
-    _download(name, target)
+    try:
+        _download(name, target)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError
+        raise ValueError(_download_failed_message(name, target, err)) from None
     return find_data_root(name, target)
+
+
+def _download_failed_message(name: str, target: pathlib.Path, err: BaseException) -> str:
+    """One line: why the download of ``name`` failed and how to get the data offline."""
+    why = " ".join(str(err).split()) or type(err).__name__
+    info = DATASETS[name]
+    offline = (f"install Debian's {info.debian_package} (apt-get install {info.debian_package})"
+               if info.debian_package else f"copy the extracted {_CIFAR_FILES[name][0]}/ folder there")
+    return (f"could not download {name} into {target} ({type(err).__name__}: {why}); without internet, "
+            f"{offline}, or set MESA_DATA_DIR to a directory that holds the dataset.")
 
 
 # --------------------------------------------------------------------------
@@ -632,59 +673,170 @@ def _load_fmnist_part(directory: pathlib.Path, part: str, limit: int | None) -> 
     )
 
 
-@lru_cache(maxsize=None)
-def _tolerant_cifar_class(name: str) -> Any:
-    """A torchvision CIFAR class that skips the md5 check for files that exist.
+#: **Tests only.** When True, CIFAR files are parsed without comparing their md5 sums with
+#: torchvision's lists of the official files, so that the tiny fake CIFAR folders written by
+#: ``tests/conftest.py`` load. Only those fixtures set it (through ``monkeypatch``, so it is
+#: reset after each test). Real loads always check every batch and meta file; parsing is
+#: restricted (:class:`_CifarUnpickler`) either way.
+SKIP_CIFAR_MD5_FOR_TESTS: bool = False
 
-    torchvision compares every batch file with the md5 sum of the official
-    archive.  That rejects small test files (and is slow), so this subclass
-    trusts files that are present and keeps the md5 check only for deciding
-    whether to download.  Parsing stays torchvision's own.
+
+def _cifar_reference(name: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], tuple[str, str, str]]:
+    """torchvision's lists of the official CIFAR files: ``(train, test, meta)``.
+
+    ``train`` / ``test`` are ``[(file name, md5)]``; ``meta`` is ``(file name, md5, key of
+    the class names)``. Taken from torchvision's dataset classes, so there is one copy.
     """
     import torchvision.datasets as tvd
 
-    base = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-
-    class TolerantCIFAR(base):  # type: ignore[misc, valid-type]
-        def _files(self) -> list[str]:
-            names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-            return [os.path.join(self.root, self.base_folder, f) for f in names]
-
-        def _check_integrity(self) -> bool:
-            if all(os.path.isfile(f) for f in self._files()):
-                return True
-            return super()._check_integrity()
-
-        def _load_meta(self) -> None:
-            # Same as torchvision's, minus the md5 comparison.
-            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-            with open(path, "rb") as infile:
-                data = pickle.load(infile, encoding="latin1")
-            self.classes = data[self.meta["key"]]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-    TolerantCIFAR.__name__ = TolerantCIFAR.__qualname__ = f"Tolerant{base.__name__}"
-    return TolerantCIFAR
+    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    train = [(str(f), str(m)) for f, m in cls.train_list]
+    test = [(str(f), str(m)) for f, m in cls.test_list]
+    meta = (str(cls.meta["filename"]), str(cls.meta["md5"]), str(cls.meta["key"]))
+    return train, test, meta
 
 
-def _load_cifar_part(name: str, root: pathlib.Path, train: bool, download: bool,
-                     limit: int | None) -> tuple[ImageSet, list[str]]:
-    """Load one part of CIFAR-10/100 via torchvision and convert it to tensors."""
-    cls = _tolerant_cifar_class(name)
+def _md5(path: pathlib.Path) -> str:
+    """The md5 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_cifar_md5(path: pathlib.Path, expected: str, name: str) -> None:
+    """Raise ValueError unless ``path`` has the md5 sum of the official file.
+
+    Skipped only when :data:`SKIP_CIFAR_MD5_FOR_TESTS` is set (by the tests' fixtures).
+    """
+    if SKIP_CIFAR_MD5_FOR_TESTS:
+        return
+    got = _md5(path)
+    if got != expected:
+        raise ValueError(
+            f"{path}: md5 {got} differs from the official {name} file ({expected}); the file is "
+            f"corrupt or not the original: delete {path.parent} and download {name} again "
+            f"(python -m mesa_lib fetch-data --dataset {name})."
+        )
+
+
+class _ForbiddenGlobal(ValueError):
+    """A pickle asked for a global that a CIFAR file never needs."""
+
+
+def _numpy_reconstruct() -> Any:
+    """numpy's ``_reconstruct`` (``numpy._core`` in numpy 2, ``numpy.core`` before)."""
     try:
-        ds = cls(str(root), train=train, download=download)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
-        raise ValueError(f"{root / _CIFAR_FILES[name][0]}: cannot parse the CIFAR files "
-                         f"({type(err).__name__}: {err}); they are corrupt, get the "
-                         "dataset again.") from err
-    pixels = ds.data  # uint8 [N, 32, 32, 3] (HWC, as torchvision stores it)
-    targets = np.asarray(ds.targets)
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return _reconstruct
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that only rebuilds what CIFAR's python-version files contain.
+
+    The files are dicts of strings, lists of ints and one uint8 numpy array, so the only
+    globals they name are numpy's array reconstruction helpers (plus ``_codecs.encode``, with
+    which Python 3 writes ``bytes`` in protocol 2; it only encodes a string). Any other global (``os.system``,
+    ``builtins.eval``, ``subprocess.Popen``, ...) is refused with a ValueError before it is
+    imported, so a tampered file cannot run code.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise _ForbiddenGlobal(
+                f"the file asks to load {module}.{name}, which no CIFAR file contains; it is not a "
+                "genuine CIFAR file and was not unpickled"
+            )
+        if name == "_reconstruct":
+            return _numpy_reconstruct()
+        if module == "_codecs":
+            return codecs.encode
+        return np.ndarray if name == "ndarray" else np.dtype
+
+
+def _read_cifar_pickle(path: pathlib.Path, name: str) -> dict[str, Any]:
+    """Parse one CIFAR batch or meta file with :class:`_CifarUnpickler`.
+
+    Raises:
+        ValueError: one line naming the file, for anything that is not a well-formed CIFAR
+            dict (a forbidden global, a truncated or corrupt stream, another type).
+    """
+    redo = f"delete {path.parent} and download {name} again (python -m mesa_lib fetch-data --dataset {name})"
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="latin1").load()
+    except _ForbiddenGlobal as err:
+        raise ValueError(f"{path}: refused: {err}; {redo}.") from None
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- any parse failure means a corrupt file
+        why = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"{path}: cannot parse the CIFAR file ({type(err).__name__}: {why}); it is "
+                         f"corrupt or truncated: {redo}.") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a CIFAR dict; {redo}.")
+    return obj
+
+
+def _cifar_batch(path: pathlib.Path, name: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixels uint8 [N, 3, 32, 32], labels [N])`` of one CIFAR batch file."""
+    entry = _read_cifar_pickle(path, name)
+    data, labels = entry.get("data"), entry.get(label_key)
+    redo = f"delete {path.parent} and download {name} again"
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: 'data' must be uint8 rows of 3072 pixels, got {what}; {redo}.")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
+        raise ValueError(f"{path}: needs {len(data)} '{label_key}', one per image; {redo}.")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels)
+
+
+def _cifar_classes(path: pathlib.Path, name: str, key: str) -> list[str]:
+    """The class names in a CIFAR meta file."""
+    names = _read_cifar_pickle(path, name).get(key)
+    if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+        raise ValueError(f"{path}: no list of class names under '{key}'; delete {path.parent} and "
+                         f"download {name} again.")
+    return names
+
+
+def _load_cifar_part(name: str, root: pathlib.Path, train: bool,
+                     limit: int | None) -> tuple[ImageSet, list[str]]:
+    """Load one part of CIFAR-10/100 from the python-version files under ``root``.
+
+    Every file is compared with the md5 sum of the official archive (unless
+    :data:`SKIP_CIFAR_MD5_FOR_TESTS`) and parsed with :class:`_CifarUnpickler`: no code from
+    the files is run.
+    """
+    folder = root / _CIFAR_FILES[name][0]
+    train_list, test_list, (meta_file, meta_md5, meta_key) = _cifar_reference(name)
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    pixels, targets = [], []
+    for file, md5 in train_list if train else test_list:
+        path = folder / file
+        _check_cifar_md5(path, md5, name)
+        data, labels = _cifar_batch(path, name, label_key)
+        pixels.append(data)
+        targets.append(labels)
+    _check_cifar_md5(folder / meta_file, meta_md5, name)
+    classes = _cifar_classes(folder / meta_file, name, meta_key)
+    all_pixels, all_targets = np.concatenate(pixels), np.concatenate(targets)
     if limit is not None:
-        pixels, targets = pixels[:limit], targets[:limit]
-    images = _images_to_tensor(pixels.transpose(0, 3, 1, 2))
-    labels = _check_labels(targets, DATASETS[name].num_classes,
-                           str(root / _CIFAR_FILES[name][0]))
-    return ImageSet(images, labels), [str(c) for c in ds.classes]
+        all_pixels, all_targets = all_pixels[:limit], all_targets[:limit]
+    images = _images_to_tensor(all_pixels)
+    labels = _check_labels(all_targets, DATASETS[name].num_classes, str(folder))
+    return ImageSet(images, labels), classes
 
 
 # --------------------------------------------------------------------------
@@ -776,8 +928,8 @@ def load_dataset(
         test = _load_fmnist_part(data_root, "test", None)
         classes = list(info.classes)
     else:
-        train, classes = _load_cifar_part(name, data_root, True, False, limit)
-        test, _ = _load_cifar_part(name, data_root, False, False, None)
+        train, classes = _load_cifar_part(name, data_root, True, limit)
+        test, _ = _load_cifar_part(name, data_root, False, None)
         if len(classes) != info.num_classes:
             raise ValueError(f"{data_root / _CIFAR_FILES[name][0]}: meta file lists "
                              f"{len(classes)} class names, {name} has {info.num_classes}.")

@@ -19,7 +19,7 @@ from .data import ImageSet
 from .models import BatchTransform, train_classifier
 from .triggers import TriggerSampler, stamp
 
-__all__ = ["stamp_transform", "retrain"]
+__all__ = ["stamp_transform", "retrain", "sampler_channels"]
 
 
 def stamp_transform(sampler: TriggerSampler, ratio: float) -> BatchTransform:
@@ -32,10 +32,22 @@ def stamp_transform(sampler: TriggerSampler, ratio: float) -> BatchTransform:
         if k == 0:
             return x, y
         x = x.clone()
-        x[:k] = stamp(x[:k], sampler.sample(k, generator=g).to(x.device), generator=g)
+        x[:k] = stamp(x[:k], sampler.sample(k, generator=g).to(x.device), generator=g, check_finite=False)
         return x, y
 
     return transform
+
+
+def sampler_channels(sampler: TriggerSampler) -> int | None:
+    """The channel count of a sampler's triggers when it says so without sampling
+    (:class:`~mesa_lib.triggers.FixedTrigger`, MESA's staircase), else None."""
+    trigger = getattr(sampler, "trigger", None)
+    if isinstance(trigger, torch.Tensor) and trigger.dim() == 3:
+        return int(trigger.shape[0])
+    shape = getattr(sampler, "trigger_shape", None)
+    if shape is not None and len(shape) == 3:
+        return int(shape[0])
+    return None
 
 
 def retrain(
@@ -56,7 +68,17 @@ def retrain(
 
     Defaults are the authors' (1% of each batch stamped, SGD lr 1e-3, momentum 0.9, 10
     epochs); see the presets for the values measured to work on Fashion-MNIST.
+
+    Raises:
+        ValueError: a sampler whose triggers have neither 1 nor the images' channel count, a
+            bad ratio or training setting, images with NaN/inf, or a diverging loss.
     """
+    if not isinstance(data, ImageSet):
+        raise ValueError(f"data must be an ImageSet, got {type(data).__name__}")
+    channels = sampler_channels(sampler)
+    if channels is not None and channels not in (1, data.images.shape[1]):
+        raise ValueError(f"the sampler's triggers have {channels} channels but the images have "
+                         f"{data.images.shape[1]}; train the sampler for these images")
     if copy_model:
         model = copy.deepcopy(model)
     return train_classifier(

@@ -11,13 +11,27 @@ import torch.nn as nn
 
 from .data import ImageSet
 from .models import predict
+from .attack import check_target
 from .triggers import TriggerSampler, stamp
+from .validate import check_finite_weights, check_trigger
 
 __all__ = ["clean_accuracy", "attack_success_rate", "evaluate_model"]
 
 
+def _check_inputs(model: nn.Module, data: ImageSet) -> None:
+    """An ImageSet and a model whose weights are finite (a diverged model reads ASR 1.0)."""
+    if not isinstance(data, ImageSet):
+        raise ValueError(f"data must be an ImageSet, got {type(data).__name__}")
+    check_finite_weights(model)
+
+
 def clean_accuracy(model: nn.Module, data: ImageSet) -> float:
-    """Fraction of untouched images classified correctly."""
+    """Fraction of untouched images classified correctly.
+
+    Raises:
+        ValueError: ``data`` is not an ImageSet, or the model has NaN/inf weights.
+    """
+    _check_inputs(model, data)
     device = next(model.parameters()).device
     pred = predict(model, data.images.to(device))
     return (pred == data.labels.to(device)).float().mean().item()
@@ -35,8 +49,20 @@ def attack_success_rate(
     ``trigger`` is one trigger ``[C, p, p]``, one per image ``[N, C, p, p]`` (N = number of
     non-target images), or a sampler whose ``sample(n)`` draws one trigger per image.
     Locations are random but seeded, so two models are compared on the same stamped images.
+
+    Raises:
+        ValueError: a target outside the model's classes, a trigger with NaN/inf, values
+            outside ``[0, 1]`` or the wrong channel count, or a model with NaN/inf weights.
     """
+    _check_inputs(model, data)
     device = next(model.parameters()).device
+    with torch.no_grad():
+        was = model.training
+        num_classes = model.eval()(data.images[:1].to(device)).shape[1]
+        model.train(was)
+    target = check_target(target, num_classes)
+    if isinstance(trigger, torch.Tensor):
+        check_trigger(trigger, "trigger", channels=data.images.shape[1])
     keep = data.labels.to(device) != target
     images = data.images.to(device)[keep]
     if len(images) == 0:

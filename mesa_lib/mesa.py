@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,6 +36,7 @@ from .common import seeded
 from .data import ImageSet
 from .mine import MINE
 from .triggers import stamp
+from .validate import check_images, finite_number, positive_int
 
 __all__ = [
     "MesaConfig",
@@ -86,35 +87,47 @@ class MesaConfig:
     """Record training curves every this many steps."""
 
     def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
+        self.betas = tuple(float(b) for b in self.betas)  # NaN and inf fail the range check below
         if not self.betas:
             raise ValueError("betas is empty: give at least one threshold, e.g. (0.5, 0.8, 0.9)")
         for b in self.betas:
             if not 0.0 < b <= 1.0:
                 raise ValueError(f"every beta must be in (0, 1] (a softmax probability), got {b}")
         if self.gammas is not None:
-            self.gammas = tuple(float(g) for g in self.gammas)
+            self.gammas = tuple(_finite("gamma", g) for g in self.gammas)
             if len(self.gammas) != len(self.betas) or any(g < 0 for g in self.gammas) or sum(self.gammas) <= 0:
                 raise ValueError(
                     f"gammas must be {len(self.betas)} non-negative weights with a positive sum, got {self.gammas}"
                 )
-        if self.alpha < 0:
+        if _finite("alpha", self.alpha) < 0:
             raise ValueError(f"alpha must be >= 0 (0 turns the entropy bonus off), got {self.alpha}")
-        if self.noise_dim < 4 or self.noise_dim % 4:
+        for name in ("hidden", "mine_hidden", "batch_size", "steps", "log_every", "noise_dim"):
+            positive_int(name, getattr(self, name))
+        if self.noise_dim % 4:
             raise ValueError(f"noise_dim must be a positive multiple of 4, got {self.noise_dim}")
-        for name in ("hidden", "mine_hidden", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.trigger_noise < 0:
-            raise ValueError(f"trigger_noise must be >= 0, got {self.trigger_noise}")
+        for name in ("lr", "mine_lr"):
+            finite_number(name, getattr(self, name), 0.0, strict=True)
+        finite_number("trigger_noise", self.trigger_noise, 0.0)
+        finite_number("ma_rate", self.ma_rate, 0.0, strict=True, maximum=1.0)
+        if len(self.adam_betas) != 2 or not all(0.0 <= finite_number("adam_betas", b) < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
 
     @property
     def weights(self) -> torch.Tensor:
         """Normalised mixture weights gamma."""
         g = torch.tensor(self.gammas if self.gammas is not None else [1.0] * len(self.betas))
         return g / g.sum()
+
+
+def _finite(name: str, value: object) -> float:
+    """``float(value)``, refusing NaN, inf and non-numbers with a one-line message."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"every {name} must be a finite number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"every {name} must be a finite number, got {value!r}")
+    return x
 
 
 class Generator(nn.Module):
@@ -262,7 +275,7 @@ def classifier_score_fn(
         n = len(triggers)
         idx = torch.randint(0, len(images), (n,), device=device, generator=generator)
         noisy = triggers + trigger_noise * torch.randn(triggers.shape, device=device, generator=generator)
-        stamped, tgt = stamp(images[idx], noisy, generator=generator), targets[component]
+        stamped, tgt = stamp(images[idx], noisy, generator=generator, check_finite=False), targets[component]
         if device.type != "cpu" or not cpu_chunk or n <= cpu_chunk:
             return _target_softmax(classifier(stamped), tgt)
         return torch.cat([_target_softmax(classifier(stamped[i:i + cpu_chunk]), tgt[i:i + cpu_chunk])
@@ -378,8 +391,19 @@ def train_mesa(
 
     ``data`` is the modelling split (images only are used). The classifier is frozen for the
     duration (eval mode, no weight gradients) and restored afterwards.
+
+    Raises:
+        ValueError: a bad target or config, images that are not float32, finite and in
+            ``[0, 1]``, or a ``trigger_shape`` that is not ``(C, p, p)`` with 1 or the images'
+            channels and ``p`` no larger than the images.
     """
+    if not isinstance(config, MesaConfig):
+        raise ValueError(f"config must be a MesaConfig, got {type(config).__name__}")
     images = data.images if isinstance(data, ImageSet) else data
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"data must hold non-empty [N, C, H, W] images, got {shape}")
+    check_images(images, "MESA's images")
     device = next(classifier.parameters()).device
     images = images.to(device)
     num_classes = _num_classes(classifier, images)
@@ -387,6 +411,13 @@ def train_mesa(
     targets = [check_target(t, num_classes) for t in (target if many else [target])]
     if trigger_shape is None:
         trigger_shape = (images.shape[1], 3, 3)
+    if len(trigger_shape) != 3 or trigger_shape[1] != trigger_shape[2]:
+        raise ValueError(f"trigger_shape must be (C, p, p), got {tuple(trigger_shape)}")
+    for size in trigger_shape:
+        positive_int("every trigger_shape entry", size)
+    if trigger_shape[0] not in (1, images.shape[1]):
+        raise ValueError(f"trigger_shape has {trigger_shape[0]} channels but the images have {images.shape[1]}; "
+                         f"use 1 or {images.shape[1]}")
     if trigger_shape[-1] > images.shape[-1]:
         raise ValueError(f"trigger of size {trigger_shape[-1]} is larger than the images; use a smaller trigger")
     # one target per sub-model: a single target is shared by every step of the staircase

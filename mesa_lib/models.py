@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .common import atomic_write_bytes
 from .data import ImageSet
+from .validate import check_images, finite_number, positive_int
 
 __all__ = [
     "Normalize",
@@ -36,6 +37,7 @@ __all__ = [
     "predict",
     "save_weights",
     "load_weights",
+    "describe_state_mismatch",
     "BatchTransform",
 ]
 
@@ -127,13 +129,25 @@ def train_classifier(
     progress bar), so the loop does not wait for the device on every step. ``schedule`` is
     ``"constant"`` (fine-tuning: attack, defense) or ``"cosine"`` (decay to 0: training from
     scratch ends converged, so a later fine-tune does not itself change clean accuracy).
+
+    Raises:
+        ValueError: bad settings (``epochs``/``lr`` not finite and > 0, ``batch_size`` not a
+            positive integer, ...), images that are not float32, finite and in ``[0, 1]``
+            (checked once up front), or a loss that became NaN/inf. The loss is checked
+            without waiting for the device on every step: a finiteness flag is kept on the
+            device and read once per epoch (and at the end); then training stops with an
+            error, since every weight is already invalid.
     """
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    if not isinstance(data, ImageSet):
+        raise ValueError(f"data must be an ImageSet, got {type(data).__name__}; wrap tensors as ImageSet(images, labels)")
+    finite_number("epochs", epochs, 0.0, strict=True)
+    finite_number("lr", lr, 0.0, strict=True)
+    batch_size = positive_int("batch_size", batch_size)
+    finite_number("momentum", momentum, 0.0)
+    finite_number("weight_decay", weight_decay, 0.0)
+    check_images(data.images, f"{desc} images")
     device = next(model.parameters()).device
     x_all, y_all = data.images.to(device), data.labels.to(device)
     n = len(y_all)
@@ -146,6 +160,7 @@ def train_classifier(
     step = 0
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     running = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any NaN/inf loss so far (no sync)
     while step < total:
         perm = torch.randperm(n, device=device, generator=g)
         for i in range(steps_per_epoch):
@@ -156,6 +171,7 @@ def train_classifier(
             if batch_transform is not None:
                 x, y = batch_transform(x, y, g)
             loss = F.cross_entropy(model(x), y)
+            nonfinite |= ~torch.isfinite(loss.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -168,6 +184,13 @@ def train_classifier(
                 if step % 50 == 0:  # the only host sync, and only when a bar is shown
                     bar.set_postfix(loss=f"{(running / 50).item():.3f}")
                     running.zero_()
+        if bool(nonfinite):  # one host sync per epoch
+            bar.close()
+            raise ValueError(
+                f"{desc}: the training loss became NaN/inf in epoch {math.ceil(step / steps_per_epoch)} "
+                f"(lr={lr}); the model's weights are now invalid. Lower the learning rate, or check the "
+                "images and the batch transform (trigger) for NaN/inf values"
+            )
         if callback is not None and step % steps_per_epoch == 0:
             callback(step // steps_per_epoch, model)
     bar.close()
@@ -199,6 +222,33 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = Non
     return atomic_write_bytes(path, save(state, metadata=meta))
 
 
+def describe_state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
+                            limit: int = 4) -> str:
+    """One line naming what differs between a model's state dict and loaded tensors.
+
+    Lists tensors whose shapes differ (``name: file [a, b] vs model [c, d]``), keys the file
+    lacks (missing) and keys the model does not have (unexpected), at most ``limit`` of each.
+    Returns ``""`` when names and shapes all agree.
+    """
+
+    def some(names: list[str]) -> str:
+        more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+        return ", ".join(names[:limit]) + more
+
+    shapes = [f"{k}: file {list(found[k].shape)} vs model {list(v.shape)}"
+              for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} tensor(s) differ in shape ({some(shapes)})")
+    if missing:
+        parts.append(f"missing from the file: {some(missing)}")
+    if unexpected:
+        parts.append(f"unexpected in the file: {some(unexpected)}")
+    return "; ".join(parts)
+
+
 def load_weights(model: nn.Module, path: str | Path) -> dict:
     """Load safetensors weights into ``model`` (on its device); returns the stored metadata.
 
@@ -221,10 +271,16 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
             f"{path} is not a valid safetensors weights file ({err}); delete it and retrain, "
             "or give the path of a file written by mesa_lib.save_weights"
         ) from None
+    mismatch = describe_state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ValueError(
+            f"weights in {path} do not fit this model: {mismatch}; check the preset/model/dataset "
+            "the file was saved for"
+        )
     device = next(model.parameters()).device
     try:
         model.load_state_dict({k: v.to(device) for k, v in state.items()})
-    except RuntimeError as err:
+    except RuntimeError as err:  # anything the comparison above did not foresee
         raise ValueError(
             f"weights in {path} do not fit this model ({str(err).splitlines()[0]}); "
             "check the preset/model/dataset the file was saved for"

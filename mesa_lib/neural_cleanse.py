@@ -33,6 +33,7 @@ from .attack import check_ratio, count_in_batch, check_target
 from .data import ImageSet
 from .mesa import frozen
 from .models import BatchTransform, train_classifier
+from .validate import check_images, check_trigger, finite_number, positive_int
 
 __all__ = [
     "NCConfig",
@@ -61,10 +62,10 @@ class NCConfig:
     """Weight of the mask's L1 norm."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
-        if self.lr <= 0 or self.lam < 0:
-            raise ValueError(f"lr must be > 0 and lam >= 0, got lr={self.lr}, lam={self.lam}")
+        positive_int("NCConfig.steps", self.steps)
+        positive_int("NCConfig.batch_size", self.batch_size)
+        finite_number("NCConfig.lr", self.lr, 0.0, strict=True)
+        finite_number("NCConfig.lam", self.lam, 0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,12 +107,20 @@ def reverse_engineer_masks(
     class's mask and pattern, and runs the frozen classifier once on all of them. The loss is
     the sum over classes of ``CE + lam * |m|_1``; the classes' parameters are disjoint, so this
     equals optimising each class alone.
+
+    Raises:
+        ValueError: a bad config or class, or images that are not float32, finite and in
+            ``[0, 1]``.
     """
+    if not isinstance(config, NCConfig):
+        raise ValueError(f"config must be an NCConfig, got {type(config).__name__}")
     images = data.images if isinstance(data, ImageSet) else data
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"data must hold non-empty [N, C, H, W] images, got shape {shape}")
+    check_images(images, "Neural Cleanse images")
     device = next(classifier.parameters()).device
     images = images.to(device)
-    if images.dim() != 4 or len(images) == 0:
-        raise ValueError(f"data must hold non-empty [N, C, H, W] images, got shape {tuple(images.shape)}")
     with torch.no_grad():
         num_classes = classifier.eval()(images[:1]).shape[1]
     classes = list(range(num_classes)) if classes is None else [check_target(c, num_classes) for c in classes]
@@ -211,6 +220,12 @@ def unlearn(
     trigger they retrain against."""
     if mask.dim() != 3 or mask.shape[0] != 1 or pattern.dim() != 3 or pattern.shape[1:] != mask.shape[1:]:
         raise ValueError(f"mask must be [1, H, W] and pattern [C, H, W], got {tuple(mask.shape)}, {tuple(pattern.shape)}")
+    if not isinstance(data, ImageSet):
+        raise ValueError(f"data must be an ImageSet, got {type(data).__name__}")
+    if mask.shape[1:] != data.images.shape[2:]:
+        raise ValueError(f"mask is {tuple(mask.shape[1:])} but the images are {tuple(data.images.shape[2:])}")
+    check_trigger(mask, "Neural Cleanse mask", channels=1)
+    check_trigger(pattern, "Neural Cleanse pattern", channels=data.images.shape[1])
     model = copy.deepcopy(model)
     return train_classifier(model, data, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
                             batch_transform=blend_transform(mask, pattern, ratio), seed=seed,

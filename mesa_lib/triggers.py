@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 
+from .validate import check_trigger
+
 __all__ = [
     "PATTERN_SIZE",
     "NUM_PATTERNS",
@@ -168,6 +170,7 @@ def stamp(
     triggers: torch.Tensor,
     locations: torch.Tensor | tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Paste triggers over images, one location per image, in one batched operation.
 
@@ -178,9 +181,16 @@ def stamp(
         locations: ``[B, 2]`` top-left corners (row, col); a single ``(row, col)`` for all
             images; or ``None`` for a uniformly random location per image.
         generator: random generator for the locations (reproducibility).
+        check_finite: refuse triggers with NaN/inf values (one host sync). The library's
+            training loops validate their trigger once up front and pass ``False`` here, so
+            that no step waits for the device.
 
     Returns:
         New ``[B, C, H, W]`` tensor; ``images`` is not modified. Differentiable in ``triggers``.
+
+    Raises:
+        ValueError: bad shapes, channel counts or locations, or (with ``check_finite``)
+            NaN/inf trigger values.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
@@ -200,6 +210,8 @@ def stamp(
         raise ValueError(f"trigger of size {p} is larger than the {H}x{W} images; use a smaller trigger")
     if tc not in (1, C):
         raise ValueError(f"trigger has {tc} channels but images have {C}; give 1 or {C} channels")
+    if check_finite and not bool(torch.isfinite(triggers.detach()).all()):
+        raise ValueError("triggers contain NaN/inf values; a trigger must be finite pixel values in [0, 1]")
     triggers = triggers.to(images.dtype).expand(B, C, p, p)
     if locations is None:
         locations = random_locations(B, min(H, W), p, generator=generator, device=images.device)
@@ -243,8 +255,10 @@ class FixedTrigger:
     """A sampler that always returns the same trigger (point baseline, oracle)."""
 
     def __init__(self, trigger: torch.Tensor):
-        if trigger.dim() != 3:
-            raise ValueError(f"a trigger is [C, p, p], got shape {tuple(trigger.shape)}")
+        if not isinstance(trigger, torch.Tensor) or trigger.dim() != 3:
+            shape = tuple(trigger.shape) if isinstance(trigger, torch.Tensor) else type(trigger).__name__
+            raise ValueError(f"a trigger is [C, p, p], got shape {shape}")
+        check_trigger(trigger, "FixedTrigger's trigger")
         self.trigger = trigger
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -7,7 +7,9 @@ the real on-disk formats, so tests run offline and fast:
   (gzipped), 20 train / 10 test images of 28x28 by default.
 * ``fake_cifar_writer`` / ``fake_cifar10_root`` / ``fake_cifar100_root``:
   CIFAR python-version batches, pickled the way the official (Python 2)
-  archives are.
+  archives are. Their md5 sums are not the official ones, so these fixtures
+  (and only they) set ``mesa_lib.data.SKIP_CIFAR_MD5_FOR_TESTS`` for the test;
+  the restricted parsing stays on.
 * ``fake_fmnist_splits``: a loaded :class:`mesa_lib.data.DatasetSplits` of the
   fake Fashion-MNIST (20 train, 8 model, 2 eval) on the CPU.
 """
@@ -159,9 +161,17 @@ def fake_fmnist_writer() -> Callable[..., dict[str, np.ndarray]]:
     return write_fake_fmnist
 
 
+def _skip_cifar_md5(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the fake CIFAR files load: they cannot have the official md5 sums (reset after the test)."""
+    import mesa_lib.data
+
+    monkeypatch.setattr(mesa_lib.data, "SKIP_CIFAR_MD5_FOR_TESTS", True)
+
+
 @pytest.fixture
-def fake_cifar_writer() -> Callable[..., dict[str, np.ndarray]]:
+def fake_cifar_writer(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, np.ndarray]]:
     """The function ``write_fake_cifar(root, which="cifar10", per_batch=2, n_test=5)``."""
+    _skip_cifar_md5(monkeypatch)
     return write_fake_cifar
 
 
@@ -174,16 +184,18 @@ def fake_fmnist_root(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture
-def fake_cifar10_root(tmp_path: pathlib.Path) -> pathlib.Path:
+def fake_cifar10_root(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     """A directory holding ``cifar-10-batches-py`` (10 train, 5 test images)."""
+    _skip_cifar_md5(monkeypatch)
     root = tmp_path / "fake-cifar10"
     write_fake_cifar(root, "cifar10")
     return root
 
 
 @pytest.fixture
-def fake_cifar100_root(tmp_path: pathlib.Path) -> pathlib.Path:
+def fake_cifar100_root(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     """A directory holding ``cifar-100-python`` (10 train, 5 test images)."""
+    _skip_cifar_md5(monkeypatch)
     root = tmp_path / "fake-cifar100"
     write_fake_cifar(root, "cifar100")
     return root

@@ -63,3 +63,178 @@ def test_format_table():
     }
     t = format_table(r)
     assert "99.5%" in t and "MESA defense" in t and "3.0%" in t and "target 0" in t and "point" not in t
+
+
+# ---------------------------------------------------------------- choices, device, --out, exit codes
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make any training fail the test: the CLI must refuse bad input before it starts."""
+    import mesa_lib.pipeline as pipeline
+    import mesa_lib.sweep as sweep
+
+    def refuse(*a, **k):
+        raise AssertionError("bad input must be refused before any data is loaded or model trained")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", refuse)
+    monkeypatch.setattr(sweep, "run_sweep", refuse)
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+@pytest.mark.parametrize("args,needle", [
+    (["--preset", "turbo"], "unknown preset 'turbo'"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--device", "tpu"], "device must be cpu, cuda or cuda:N"),
+    (["--device", "cuda:x"], "device must be cpu, cuda or cuda:N"),
+    (["--seed", "one"], "--seed"),
+])
+def test_bad_choices_exit_2_one_line(command, args, needle, capsys, tmp_path, no_work):
+    assert main([command, *args, "--out", str(tmp_path / "r.json")]) == 2
+    assert needle in _one_error_line(capsys.readouterr().err)
+
+
+def test_dataset_aliases_are_accepted(monkeypatch, tmp_path):
+    import mesa_lib.pipeline as pipeline
+
+    seen = {}
+
+    def fake_run(**kw):
+        seen.update(kw)
+        return {}
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    assert main(["run", "--dataset", "CIFAR-10", "--preset", "paper", "--out", str(tmp_path / "r.json")]) == 0
+    assert seen["dataset"] == "cifar10" and seen["preset"] == "paper"
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "CUDA:1"])
+def test_cuda_without_gpu_exit_2_one_line(command, device, capsys, tmp_path, monkeypatch, no_work):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([command, "--device", device, "--out", str(tmp_path / "r.json")]) == 2
+    assert "CUDA is not available" in _one_error_line(capsys.readouterr().err)
+
+
+def test_parse_device(monkeypatch):
+    import argparse
+
+    import torch
+
+    from mesa_lib.cli import parse_device
+
+    assert parse_device("cpu") == "cpu" and parse_device(" CPU ") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_device("cuda") == "cuda" and parse_device("CUDA:1") == "cuda:1"
+    with pytest.raises(argparse.ArgumentTypeError, match="has 2 GPU"):
+        parse_device("cuda:2")
+    for bad in ("gpu", "cuda:", "cuda:-1", "mps", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="cpu, cuda or cuda:N"):
+            parse_device(bad)
+
+
+def _unwritable_outs(tmp_path):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("not a folder")
+    return {"existing folder": (folder, "is a directory"),
+            "parent is a file": (a_file / "r.json", "is a file, not a folder"),
+            "grandparent is a file": (a_file / "sub" / "r.json", "is a file, not a folder")}
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+@pytest.mark.parametrize("case", ["existing folder", "parent is a file", "grandparent is a file"])
+def test_unwritable_out_exit_2_before_any_work(command, case, capsys, tmp_path, no_work):
+    out, needle = _unwritable_outs(tmp_path)[case]
+    assert main([command, "--out", str(out)]) == 2
+    assert needle in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_read_only_out_folder_exit_2(command, capsys, tmp_path, no_work):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert main([command, "--out", str(ro / "sub" / "r.json")]) == 2
+        assert "cannot create files" in _one_error_line(capsys.readouterr().err)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_check_out_path_uses_write_permission(tmp_path, monkeypatch):
+    """The permission test itself (also where root could write anyway): a folder the process
+    may not write in, and an existing file it may not write, are refused."""
+    from mesa_lib.cli import check_out_path
+
+    existing = tmp_path / "r.json"
+    existing.write_text("{}")
+    assert check_out_path(tmp_path / "new" / "deeper" / "r.json") == tmp_path / "new" / "deeper" / "r.json"
+    assert check_out_path(existing) == existing
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match="cannot create files in"):
+        check_out_path(tmp_path / "new.json")
+    with pytest.raises(ValueError, match="is not writable"):
+        check_out_path(existing)
+
+
+def test_sweep_out_check_does_not_touch_the_file(tmp_path, monkeypatch):
+    """For a sweep only the location is checked; an existing file is neither read nor changed
+    (whether it is a sweep file is the sweep's own business)."""
+    import mesa_lib.sweep as sweep
+
+    out = tmp_path / "other.jsonl"
+    out.write_text("not a sweep file\n")
+    before = out.stat()
+    monkeypatch.setattr(sweep, "run_sweep", lambda **kw: [])
+    assert main(["sweep", "--out", str(out), "--quiet"]) == 0
+    after = out.stat()
+    assert out.read_text() == "not a sweep file\n" and after.st_mtime_ns == before.st_mtime_ns
+
+
+def test_fetch_data_offline_exit_2_one_line(capsys, tmp_path, monkeypatch):
+    import urllib.error
+
+    import mesa_lib.data as data
+
+    def offline(name, target):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data, "_download", offline)
+    monkeypatch.setattr(data, "DEBIAN_DATA_DIR", tmp_path / "no-debian")
+    monkeypatch.delenv("MESA_DATA_DIR", raising=False)
+    monkeypatch.setenv("MESA_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["fetch-data"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "could not download fashion-mnist" in line and "dataset-fashion-mnist" in line and "MESA_DATA_DIR" in line
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["sweep"], ["fetch-data"]])
+def test_help_has_examples_and_exit_codes(command, capsys):
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "exit codes:" in out and "python -m mesa_lib" in out
+
+
+def test_unexpected_errors_propagate(monkeypatch, tmp_path):
+    """A bug is not dressed up as bad input: the exception escapes main (exit code 1 and a
+    traceback under ``python -m``)."""
+    import mesa_lib.pipeline as pipeline
+
+    def bug(**kw):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["run", "--out", str(tmp_path / "r.json")])

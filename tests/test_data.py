@@ -396,3 +396,136 @@ def test_real_fashion_mnist(monkeypatch):
     assert splits.num_classes == 10
     assert splits.train.labels.bincount().tolist() == [6000] * 10
     assert float(splits.train.images.min()) == 0.0 and float(splits.train.images.max()) == 1.0
+
+
+# ---------------------------------------------------------------- CIFAR: integrity and safe parsing
+
+
+class _RunsCode:
+    """Pickles to ``builtins.exec(<code>)``: unpickling it with plain pickle runs the code."""
+
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+class _CallsSystem:
+    """Pickles to ``os.system(<command>)``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("which", ["exec", "system"])
+def test_cifar_tampered_batch_is_refused_without_running_code(which, fake_cifar_writer, tmp_path):
+    import pickle
+
+    fake_cifar_writer(tmp_path / "c", "cifar10")
+    marker = tmp_path / "marker"
+    payload = (_RunsCode(f"open({str(marker)!r}, 'w').write('pwned')") if which == "exec"
+               else _CallsSystem(f"touch {marker}"))
+    batch = tmp_path / "c" / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({"data": payload, "labels": [0]}, protocol=2))
+    with pytest.raises(ValueError) as info:
+        load_dataset("cifar10", root=tmp_path / "c")
+    assert not marker.exists(), "the crafted pickle ran code"
+    msg = str(info.value)
+    assert "data_batch_3" in msg and "refused" in msg and "download" in msg and "\n" not in msg
+
+
+def test_cifar_tampered_meta_is_refused(fake_cifar_writer, tmp_path):
+    import pickle
+
+    fake_cifar_writer(tmp_path / "c", "cifar100")
+    marker = tmp_path / "marker"
+    (tmp_path / "c" / "cifar-100-python" / "meta").write_bytes(
+        pickle.dumps(_CallsSystem(f"touch {marker}"), protocol=2))
+    with pytest.raises(ValueError, match=r"meta: refused: the file asks to load (posix|os)\.system"):
+        load_dataset("cifar100", root=tmp_path / "c")
+    assert not marker.exists()
+
+
+def test_cifar_truncated_batch_is_an_error(fake_cifar_writer, tmp_path):
+    fake_cifar_writer(tmp_path / "c", "cifar10")
+    batch = tmp_path / "c" / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:200])
+    with pytest.raises(ValueError) as info:
+        load_dataset("cifar10", root=tmp_path / "c")
+    msg = str(info.value)
+    assert "data_batch_2" in msg and "corrupt or truncated" in msg and "download" in msg and "\n" not in msg
+
+
+def test_cifar_wrong_content_is_an_error(fake_cifar_writer, tmp_path):
+    """A valid pickle of the wrong shape (e.g. an image batch without pixels) is not accepted."""
+    import pickle
+
+    fake_cifar_writer(tmp_path / "c", "cifar10")
+    (tmp_path / "c" / "cifar-10-batches-py" / "test_batch").write_bytes(
+        pickle.dumps({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}, protocol=2))
+    with pytest.raises(ValueError, match="test_batch: 'data' must be uint8 rows of 3072 pixels"):
+        load_dataset("cifar10", root=tmp_path / "c")
+
+
+def test_cifar_md5_is_checked_on_real_loads(fake_cifar_writer, tmp_path, monkeypatch):
+    """Outside the fixtures' switch every file must carry the official md5 sum: the fake
+    files are valid pickles in the right layout, and still they are rejected."""
+    import mesa_lib.data as data
+
+    fake_cifar_writer(tmp_path / "c", "cifar10")
+    assert len(load_dataset("cifar10", root=tmp_path / "c").train) == 10  # loads with the switch on
+    monkeypatch.setattr(data, "SKIP_CIFAR_MD5_FOR_TESTS", False)
+    with pytest.raises(ValueError) as info:
+        load_dataset("cifar10", root=tmp_path / "c")
+    msg = str(info.value)
+    assert "data_batch_1: md5" in msg and "c99cafc152244af753f735de768cd75f" in msg and "\n" not in msg
+
+
+def test_cifar_md5_switch_is_off_by_default():
+    import mesa_lib.data as data
+
+    assert data.SKIP_CIFAR_MD5_FOR_TESTS is False
+
+
+def test_cifar_md5_accepts_matching_file(fake_cifar_writer, tmp_path, monkeypatch):
+    """With the switch off, files whose md5 matches the reference list load (here the list is
+    pointed at the fake files' own sums, standing in for the official archive)."""
+    import mesa_lib.data as data
+
+    fake_cifar_writer(tmp_path / "c", "cifar10")
+    folder = tmp_path / "c" / "cifar-10-batches-py"
+    real = data._cifar_reference
+
+    def reference(name):
+        train, test, (meta, _, key) = real(name)
+        sums = lambda lst: [(f, data._md5(folder / f)) for f, _ in lst]  # noqa: E731
+        return sums(train), sums(test), (meta, data._md5(folder / meta), key)
+
+    monkeypatch.setattr(data, "_cifar_reference", reference)
+    monkeypatch.setattr(data, "SKIP_CIFAR_MD5_FOR_TESTS", False)
+    assert len(load_dataset("cifar10", root=tmp_path / "c").train) == 10
+
+
+def test_fetch_offline_is_one_line_value_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    import mesa_lib.data as data
+
+    def offline(name, target):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data, "_download", offline)
+    monkeypatch.setattr(data, "DEBIAN_DATA_DIR", tmp_path / "no-debian")
+    monkeypatch.delenv("MESA_DATA_DIR", raising=False)
+    monkeypatch.setenv("MESA_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ValueError) as info:
+        data.fetch("fashion-mnist")
+    msg = str(info.value)
+    assert "\n" not in msg and "dataset-fashion-mnist" in msg and "MESA_DATA_DIR" in msg
+    assert "URLError" in msg
