@@ -54,9 +54,10 @@ __all__ = [
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass
+@dataclass(frozen=True)
 class MesaConfig:
-    """Settings of MESA; the defaults are the authors' (CIFAR-10)."""
+    """Settings of MESA; the defaults are the authors' (CIFAR-10). Frozen: make a changed copy
+    with ``dataclasses.replace(config, steps=...)``."""
 
     betas: tuple[float, ...] = (0.5, 0.8, 0.9)
     """Thresholds of the staircase steps, one sub-model each."""
@@ -87,14 +88,15 @@ class MesaConfig:
     """Record training curves every this many steps."""
 
     def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)  # NaN and inf fail the range check below
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))  # NaN, inf fail the range check
         if not self.betas:
             raise ValueError("betas is empty: give at least one threshold, e.g. (0.5, 0.8, 0.9)")
         for b in self.betas:
-            if not 0.0 < b <= 1.0:
-                raise ValueError(f"every beta must be in (0, 1] (a softmax probability), got {b}")
+            if not 0.0 < b < 1.0:
+                raise ValueError(f"every beta must be in (0, 1): a softmax probability never exceeds 1, so "
+                                 f"beta = 1 would ask for an empty valid set; got {b}")
         if self.gammas is not None:
-            self.gammas = tuple(_finite("gamma", g) for g in self.gammas)
+            object.__setattr__(self, "gammas", tuple(_finite("gamma", g) for g in self.gammas))
             if len(self.gammas) != len(self.betas) or any(g < 0 for g in self.gammas) or sum(self.gammas) <= 0:
                 raise ValueError(
                     f"gammas must be {len(self.betas)} non-negative weights with a positive sum, got {self.gammas}"
@@ -297,9 +299,10 @@ class StaircaseTrainer:
     each alone). Nothing in a step waits for the device: curves are kept as tensors.
     """
 
-    def __init__(self, score_fn: ScoreFn, trigger_shape: Sequence[int], config: MesaConfig = MesaConfig(),
+    def __init__(self, score_fn: ScoreFn, trigger_shape: Sequence[int], config: MesaConfig | None = None,
                  seed: int = 0, device: torch.device | str = "cpu", targets: Sequence[int] | None = None):
         self.device = device = torch.device(device)
+        config = MesaConfig() if config is None else config
         self.score_fn, self.config = score_fn, config
         with seeded(seed):  # the networks' initial weights; the caller's random state is left alone
             self.sampler = StaircaseSampler(trigger_shape, config, targets)
@@ -358,7 +361,7 @@ class StaircaseTrainer:
 def train_staircase(
     score_fn: ScoreFn,
     trigger_shape: Sequence[int],
-    config: MesaConfig = MesaConfig(),
+    config: MesaConfig | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     targets: Sequence[int] | None = None,
@@ -372,7 +375,7 @@ def train_staircase(
     (:meth:`StaircaseTrainer.history`).
     """
     trainer = StaircaseTrainer(score_fn, trigger_shape, config, seed, device, targets)
-    for _ in tqdm(range(config.steps), desc=desc, disable=not progress, leave=False):
+    for _ in tqdm(range(trainer.config.steps), desc=desc, disable=not progress, leave=False):
         trainer.step()
     trainer.sampler.eval()
     return trainer.sampler, trainer.history()
@@ -382,7 +385,7 @@ def train_mesa(
     classifier: nn.Module,
     data: ImageSet | torch.Tensor,
     target: int,
-    config: MesaConfig = MesaConfig(),
+    config: MesaConfig | None = None,
     trigger_shape: Sequence[int] | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -397,6 +400,7 @@ def train_mesa(
             ``[0, 1]``, or a ``trigger_shape`` that is not ``(C, p, p)`` with 1 or the images'
             channels and ``p`` no larger than the images.
     """
+    config = MesaConfig() if config is None else config
     if not isinstance(config, MesaConfig):
         raise ValueError(f"config must be a MesaConfig, got {type(config).__name__}")
     images = data.images if isinstance(data, ImageSet) else data

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class NCConfig:
     """Settings of the Neural Cleanse search (fixed ``lam``, Adam as in the NC code)."""
 
@@ -96,7 +96,7 @@ def blend(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> to
 def reverse_engineer_masks(
     classifier: nn.Module,
     data: ImageSet | torch.Tensor,
-    config: NCConfig = NCConfig(),
+    config: NCConfig | None = None,
     classes: list[int] | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -112,6 +112,7 @@ def reverse_engineer_masks(
         ValueError: a bad config or class, or images that are not float32, finite and in
             ``[0, 1]``.
     """
+    config = NCConfig() if config is None else config
     if not isinstance(config, NCConfig):
         raise ValueError(f"config must be an NCConfig, got {type(config).__name__}")
     images = data.images if isinstance(data, ImageSet) else data

@@ -18,7 +18,7 @@ from .mesa import MesaConfig
 __all__ = ["Preset", "PRESETS", "get_preset"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Preset:
     name: str
     # classifier

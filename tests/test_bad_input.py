@@ -139,18 +139,26 @@ def test_run_pipeline_bad_target(fake_fmnist_splits, isolated_cache, monkeypatch
 # ---------------------------------------------------------------- MESA settings
 
 
-@pytest.mark.parametrize("betas", [(0.0,), (1.5,), (-0.2, 0.5), (0.5, float("nan"))])
-def test_beta_outside_unit_interval(betas):
-    with pytest.raises(ValueError, match=r"beta must be in \(0, 1\]"):
+@pytest.mark.parametrize("betas", [(0.0,), (1.5,), (-0.2, 0.5), (0.5, float("nan")), (0.5, 1.0)])
+def test_beta_outside_open_unit_interval(betas):
+    """beta = 1 is refused too: a softmax probability never exceeds 1, so X_1 is empty."""
+    with pytest.raises(ValueError, match=r"beta must be in \(0, 1\)"):
         MesaConfig(betas=betas)
 
 
-def test_beta_one_is_allowed():
-    assert MesaConfig(betas=(1.0,)).betas == (1.0,)
+def test_configs_are_frozen():
+    import dataclasses
+
+    from mesa_lib.neural_cleanse import NCConfig
+    from mesa_lib.presets import get_preset
+
+    for obj, field in ((MesaConfig(), "steps"), (NCConfig(), "steps"), (get_preset("fast"), "width")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, field, 1)
 
 
 def test_scan_classes_bad_beta(clf, fake_fmnist_splits):
-    with pytest.raises(ValueError, match=r"beta must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"beta must be in \(0, 1\)"):
         scan_classes(clf, fake_fmnist_splits.model, fake_fmnist_splits.eval, TINY_MESA, beta=1.5, progress=False)
 
 
