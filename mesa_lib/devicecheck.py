@@ -120,6 +120,7 @@ _TO_HOST = {_T.cpu}
 _TO_DEVICE = {_T.cuda}
 _CROSS = {_T.copy_, _T.new_tensor, _T.new_zeros, _T.new_ones, _T.new_empty, _T.new_full}
 _FACTORY_FROM_DATA = {torch.tensor, torch.as_tensor}
+_UNCHECKED = {torch._has_compatible_shallow_copy_type, _T.set_, _T.is_set_to}  # no device semantics
 _INPLACE_DUNDER = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
                    "__irshift__", "__imatmul__"}
@@ -149,6 +150,8 @@ class StrictDeviceMode(TorchFunctionMode):
             return self._to(func, args, kwargs)
         if func in _CROSS:
             return self._cross(func, args, kwargs)
+        if func in _UNCHECKED:
+            return func(*args, **kwargs)
         if func in _FACTORY_FROM_DATA:
             return self._from_data(func, args, kwargs)
         if func is _T.__getitem__ or func is _T.__setitem__:
@@ -183,9 +186,10 @@ class StrictDeviceMode(TorchFunctionMode):
                 out = func(src, *rest, **kwargs)
                 if target is None:  # dtype-only conversion: stays where it is
                     target = on_device(src)
-        if isinstance(src, nn.Parameter) and target and out is src:
-            # module.to(device) moves its parameters in place: mark the parameter itself
-            _mark(src, True)
+        if isinstance(src, nn.Parameter) and out is src:
+            # module.to(device) / module.cpu() move their parameters in place: (un)mark the
+            # parameter itself
+            _mark(src, target)
             return src
         if out is src and target != on_device(src):
             out = _alias(src)
