@@ -164,7 +164,8 @@ def run_pipeline(
     if color_seed is None:
         pattern_from_id(pattern)  # validates the id before any work is done
     t0 = time.perf_counter()
-    dev = pick_device(device)
+    # given splits stay where they are unless a device is named (a chapter's MESA_DEVICE holds)
+    dev = splits.device if (splits is not None and device is None) else pick_device(device)
     seconds: dict[str, float] = {}
     result: dict = {"status": "running"}
 

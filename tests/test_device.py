@@ -304,3 +304,20 @@ def test_every_numpy_call_goes_through_cpu():
                  for line in numpy_without_cpu(src)]
     assert not offenders, ("call .cpu() before .numpy() (a CUDA tensor has no numpy view): "
                            + "; ".join(offenders))
+
+
+def test_sweep_task_on_device(dev_splits, strict_device, monkeypatch, tmp_path, torch_single_thread):
+    """One task of the 51-pattern sweep (the whole pipeline plus Neural Cleanse and the oracle)
+    with the splits on the simulated device; the result is plain JSON."""
+    from mesa_lib import MesaConfig
+    from mesa_lib.presets import Preset
+    from mesa_lib.neural_cleanse import NCConfig
+    from mesa_lib.sweep import SweepTask, run_task
+
+    monkeypatch.setenv("MESA_CACHE_DIR", str(tmp_path / "cache"))
+    tiny = Preset(name="tiny", width=4, batch_size=8, clean_epochs=1, attack_epochs=1, poison_ratio=0.2,
+                  mesa=MesaConfig(hidden=8, mine_hidden=8, noise_dim=8, steps=3, batch_size=8),
+                  detect_steps=2, detect_batch=4, point_steps=2, defense_epochs=1)
+    line = run_task(SweepTask(170, 0), dev_splits, tiny, seed=0, nc=NCConfig(steps=2, batch_size=4))
+    assert line["config"]["device"] == str(strict_device)
+    json.dumps(line)  # plain numbers, no tensors
