@@ -120,6 +120,7 @@ _TO_HOST = {_T.cpu}
 _TO_DEVICE = {_T.cuda}
 _CROSS = {_T.copy_, _T.new_tensor, _T.new_zeros, _T.new_ones, _T.new_empty, _T.new_full}
 _FACTORY_FROM_DATA = {torch.tensor, torch.as_tensor}
+_SIZE_ONLY = {_T.view_as, _T.expand_as, _T.reshape_as}  # read only the other tensor's shape
 _UNCHECKED = {torch._has_compatible_shallow_copy_type, _T.set_, _T.is_set_to}  # no device semantics
 _INPLACE_DUNDER = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
@@ -152,6 +153,14 @@ class StrictDeviceMode(TorchFunctionMode):
             return self._cross(func, args, kwargs)
         if func in _UNCHECKED:
             return func(*args, **kwargs)
+        if func in _SIZE_ONLY or func is _T.type_as:
+            out = func(*args, **kwargs)
+            # type_as(other) converts to other's type, device included
+            target = on_device(args[1] if func is _T.type_as else args[0])
+            if out is args[0] and target != on_device(out):
+                out = _alias(out)
+            _mark(out, target)
+            return out
         if func in _FACTORY_FROM_DATA:
             return self._from_data(func, args, kwargs)
         if func is _T.__getitem__ or func is _T.__setitem__:

@@ -93,6 +93,8 @@ def test_mixing_devices(strict_device):
         h2 += d  # in place on the host with a device operand
     # a host 0-dim tensor may join a device operation (CUDA allows CPU scalars)
     assert on_device(d + torch.tensor(2.0)) and on_device(d * 2)
+    # shape-only reads and conversions across devices are fine
+    assert on_device(d.view_as(h)) and not on_device(h.expand_as(d)) and on_device(h.type_as(d))
     # copies across devices are fine
     h.copy_(d)
     d.copy_(torch.zeros(3))
