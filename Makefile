@@ -1,8 +1,10 @@
 # MESA Book — the two commands are `make book` and `make test`.
 #
-#   make book    install into .venv, get Fashion-MNIST, build the book (strict)
-#   make test    install into .venv, get Fashion-MNIST, run pytest (+ notebooks via nbval),
-#                build the book (strict), open every page in headless Chromium
+#   make book    install into .venv, get Fashion-MNIST, execute every notebook once,
+#                build the book (strict) from those outputs
+#   make test    install into .venv, get Fashion-MNIST and Chromium, run pytest (unit tests and
+#                every notebook, each executed once), build the book (strict) from the
+#                notebooks' outputs, open every page in headless Chromium
 #
 # Other targets: install, data, bench, clean, distclean, help.
 
@@ -11,6 +13,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Extras installed by `make install`: the build needs `book`; `test` adds pytest, Playwright, Ray.
+EXTRAS ?= book,test
 
 # Debian's dataset-fashion-mnist package puts the four idx files here.
 FMNIST_DIR   ?= /usr/share/datasets/fashion-mnist
@@ -20,12 +24,14 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
 # Extra arguments for pytest, e.g.  make test PYTEST_ARGS='-m "not slow" -x'
 PYTEST_ARGS ?=
 
-.PHONY: help install data book test test-device bench handouts clean distclean
+.PHONY: help install data browser book test test-device bench handouts readme-results clean distclean
 
 help:
-	@echo "make book   - install, fetch data, build the Jupyter Book into _build/html (strict)"
-	@echo "make test   - install, fetch data, pytest on tests/ and the notebooks in book/ (nbval),"
-	@echo "              then build the book (strict) and check every page in headless Chromium"
+	@echo "make book   - install, fetch data, execute every notebook once, build the Jupyter Book"
+	@echo "              into _build/html (strict) from those outputs"
+	@echo "make test   - install, fetch data and Chromium, pytest on tests/ (unit tests + every notebook,"
+	@echo "              each executed once), build the book (strict) from the notebooks' outputs,"
+	@echo "              and check every page in headless Chromium"
 	@echo "make test-device - every notebook in strict-device mode (GPU-only mistakes fail on the CPU)"
 	@echo "make handouts - student notebooks (solutions removed) from book/10_exercises.ipynb into handouts/"
 	@echo "make install | data | bench | clean | distclean"
@@ -35,8 +41,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo ">> creating virtual environment $(VENV)"; $(PYTHON) -m venv $(VENV); }
-	@echo ">> pip install -e \".[book,test]\" into $(VENV)"
-	$(PY) -m pip install -e ".[book,test]"
+	@echo ">> pip install -e \".[$(EXTRAS)]\" into $(VENV)"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	@touch $@
 
 # ---------------------------------------------------------------- data
@@ -71,25 +77,56 @@ data: $(STAMP)
 	echo "  nor '$(PY) -m mesa_lib fetch-data' (needs internet) succeeded." >&2; \
 	exit 1
 
+# ---------------------------------------------------------------- browser
+# The browser test drives Debian's chromium (never `playwright install`). Installed with
+# apt-get where that is usable (root or passwordless sudo), as for the data; otherwise one
+# line says what to install.
+CHROMIUM ?= /usr/bin/chromium
+
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then echo ">> Chromium found at $(CHROMIUM)"; exit 0; fi; \
+	sudo=none; \
+	if command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi; \
+	fi; \
+	if [ "$$sudo" != none ]; then \
+	  echo ">> installing Debian package chromium for the browser test (apt-get)"; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
+	  || { $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; \
+	fi; \
+	if [ -x "$(CHROMIUM)" ]; then echo ">> Chromium installed at $(CHROMIUM)"; exit 0; fi; \
+	echo "ERROR: the browser test needs Chromium at $(CHROMIUM): install it (Debian/Ubuntu: sudo apt-get install chromium) or point CHROMIUM=/path/to/chromium (exported as MESA_CHROMIUM)." >&2; \
+	exit 1
+
 # ---------------------------------------------------------------- book
-# Strict: any warning (broken reference, missing glue key, failing notebook cell) fails it.
-BUILD_BOOK = $(VENV)/bin/jupyter-book build . -W -n --keep-going
+# Every notebook is executed once (scripts/notebooks.py, or tests/test_notebooks.py under
+# make test) into the jupyter-cache at _build/.jupyter_cache; the strict build
+# (execute_notebooks: cache) takes the outputs from there. Strict: any warning (broken
+# reference, missing glue key) fails it, and so does a notebook the build had to execute
+# itself (it would have run twice, or without its test).
+BUILD_LOG  = _build/build.log
+BUILD_BOOK = mkdir -p _build && set -o pipefail && $(VENV)/bin/jupyter-book build . -W -n --keep-going 2>&1 | tee $(BUILD_LOG) \
+	&& $(PY) scripts/notebooks.py --check-cached \
+	&& { ! grep -n "Executing notebook" $(BUILD_LOG) || { echo "ERROR: the build executed a notebook itself (see above); run the notebooks first" >&2; exit 1; }; }
 
 book: install data
+	$(PY) scripts/notebooks.py
 	$(BUILD_BOOK)
 	@echo ">> book built: open _build/html/index.html"
 
 # ---------------------------------------------------------------- test
-# 1. unit tests, and every notebook under book/ executed by nbval (--nbval-lax: outputs are
-#    not compared; the notebooks' assert cells check their claims);
-# 2. the strict book build (it executes the notebooks again: execute_notebooks: force);
+# 1. pytest on tests/: the unit tests, and every notebook of the toc executed once
+#    (tests/test_notebooks.py; the notebooks' assert cells check their claims), writing the
+#    executed notebooks into the build's cache;
+# 2. the strict book build from those outputs (no notebook is executed a second time);
 # 3. the browser test on the built HTML (tests/test_book_browser.py); it must run here, so a
 #    missing build, Playwright or Chromium is a failure, not a skip.
 # Any failing step stops make with a non-zero status.
-test: install data
-	$(PY) -m pytest --nbval-lax $(PYTEST_ARGS) tests book --ignore=tests/test_book_browser.py
+test: install data browser
+	$(PY) -m pytest $(PYTEST_ARGS) tests --ignore=tests/test_book_browser.py
 	$(BUILD_BOOK)
-	MESA_BROWSER_TEST_REQUIRED=1 $(PY) -m pytest $(PYTEST_ARGS) tests/test_book_browser.py
+	MESA_BROWSER_TEST_REQUIRED=1 MESA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest $(PYTEST_ARGS) tests/test_book_browser.py
 
 # ---------------------------------------------------------------- test-device
 # Every chapter with MESA_STRICT_DEVICE=1: data and models on mesa_lib.devicecheck's simulated
@@ -103,8 +140,14 @@ test-device: install data
 bench: install data
 	$(PY) bench/bench_mesa.py
 
+# ---------------------------------------------------------------- README
+# The README's results section, generated from the committed results files.
+readme-results: install
+	$(PY) scripts/readme_results.py
+
 # ---------------------------------------------------------------- handouts
-# Student versions of the exercise notebook: solutions -> `raise NotImplementedError()`.
+# The student version of the graded assignment: nbgrader's preprocessors (solutions -> `raise
+# NotImplementedError()`, hidden tests removed) and the MyST markup rendered as plain Markdown.
 handouts: install
 	$(PY) scripts/make_handouts.py --out handouts
 

@@ -7,10 +7,10 @@ evaluate -> plots``, with :mod:`~mesa_lib.presets` holding every setting and
 :mod:`~mesa_lib.pipeline` running the whole story.
 """
 
-__version__ = "0.1.0"
+from .common import __version__
 
-from .data import DatasetSplits, ImageSet, load_dataset  # noqa: E402
-from .triggers import (  # noqa: E402
+from .data import DatasetSplits, ImageSet, load_dataset
+from .triggers import (
     FixedTrigger,
     bright_member,
     canonical_patterns,
@@ -19,13 +19,13 @@ from .triggers import (  # noqa: E402
     stamp,
     trigger_from_pattern,
 )
-from .models import build_model, load_weights, save_weights, train_classifier  # noqa: E402
-from .attack import inject_backdoor  # noqa: E402
-from .evaluate import attack_success_rate, clean_accuracy  # noqa: E402
-from .mine import MINE, dv_bound  # noqa: E402
-from .mesa import MesaConfig, StaircaseSampler, train_mesa, train_staircase  # noqa: E402
-from .detect import scan_classes  # noqa: E402
-from .baselines import reverse_engineer_trigger, reverse_engineer_triggers  # noqa: E402
-from .defense import retrain  # noqa: E402
-from .presets import PRESETS, Preset, get_preset  # noqa: E402
-from .pipeline import run_pipeline  # noqa: E402
+from .models import build_model, load_weights, save_weights, train_classifier
+from .attack import inject_backdoor
+from .evaluate import attack_success_rate, clean_accuracy
+from .mine import MINE, dv_bound
+from .mesa import MesaConfig, StaircaseSampler, train_mesa, train_staircase
+from .detect import scan_classes
+from .baselines import reverse_engineer_trigger, reverse_engineer_triggers
+from .defense import retrain
+from .presets import PRESETS, Preset, get_preset
+from .pipeline import run_pipeline

@@ -32,6 +32,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .attack import check_target
+from .common import seeded
 from .data import ImageSet
 from .mine import MINE
 from .triggers import stamp
@@ -286,14 +287,15 @@ class StaircaseTrainer:
     def __init__(self, score_fn: ScoreFn, trigger_shape: Sequence[int], config: MesaConfig = MesaConfig(),
                  seed: int = 0, device: torch.device | str = "cpu", targets: Sequence[int] | None = None):
         self.device = device = torch.device(device)
-        torch.manual_seed(seed)
         self.score_fn, self.config = score_fn, config
-        self.sampler = StaircaseSampler(trigger_shape, config, targets).to(device)
+        with seeded(seed):  # the networks' initial weights; the caller's random state is left alone
+            self.sampler = StaircaseSampler(trigger_shape, config, targets)
+            x_dim = math.prod(self.sampler.trigger_shape)
+            self.mines = nn.ModuleList(
+                MINE(config.noise_dim, x_dim, config.mine_hidden, config.ma_rate) for _ in range(len(config.betas))
+            )
+        self.sampler, self.mines = self.sampler.to(device), self.mines.to(device)
         self.M, self.B = len(config.betas), config.batch_size
-        x_dim = math.prod(self.sampler.trigger_shape)
-        self.mines = nn.ModuleList(
-            MINE(config.noise_dim, x_dim, config.mine_hidden, config.ma_rate) for _ in range(self.M)
-        ).to(device)
         self.opt_g = torch.optim.Adam(self.sampler.generators.parameters(), lr=config.lr, betas=config.adam_betas)
         self.opt_t = torch.optim.Adam(self.mines.parameters(), lr=config.mine_lr, betas=config.adam_betas)
         self.betas = torch.tensor(config.betas, device=device)

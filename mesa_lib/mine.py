@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import seeded
+
 __all__ = ["StatisticsNetwork", "log_mean_exp", "dv_bound", "MINE", "train_mine", "gaussian_mi"]
 
 
@@ -103,8 +105,8 @@ def train_mine(
     Marginal pairs are made by shuffling x against z.
     """
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    mine = MINE(z_dim, x_dim, hidden, ma_rate)
+    with seeded(seed):  # initial weights; the caller's random state is left alone
+        mine = MINE(z_dim, x_dim, hidden, ma_rate)
     opt = torch.optim.Adam(mine.parameters(), lr=lr)
     history = []
     for _ in range(steps):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchvision
 from tqdm.auto import tqdm
 
+from .common import atomic_write_bytes
 from .data import ImageSet
 
 __all__ = [
@@ -187,17 +188,15 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> t
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
-    """Save a model's state dict with safetensors (no pickle). ``metadata`` is stored as JSON."""
-    from safetensors.torch import save_file
+    """Save a model's state dict with safetensors (no pickle). ``metadata`` is stored as JSON.
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    The file is written atomically under a unique temporary name, so a reader never sees
+    half a file and two processes saving the same path both succeed."""
+    from safetensors.torch import save
+
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"mesa_lib": json.dumps(metadata or {})}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    meta = {"mesa_lib": json.dumps(metadata or {}, default=str)}
+    return atomic_write_bytes(path, save(state, metadata=meta))
 
 
 def load_weights(model: nn.Module, path: str | Path) -> dict:

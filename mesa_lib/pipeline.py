@@ -14,10 +14,11 @@ determines them, so the book's chapters reuse each other's models.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from . import __version__
+from .common import __version__, atomic_write_text, check_writable, code_fingerprint, git_state, seeded, thread_count
 from .attack import check_target, inject_backdoor
 from .baselines import reverse_engineer_trigger
 from .data import DatasetSplits, cache_dir, load_dataset
@@ -35,13 +36,16 @@ from .evaluate import evaluate_model
 from .mesa import train_mesa
 from .models import build_model, load_weights, save_weights, train_classifier
 from .presets import Preset, get_preset
-from .triggers import FixedTrigger, pattern_from_id, random_color_triggers, trigger_from_pattern
+from .triggers import FixedTrigger, pattern_from_id, pattern_id, random_color_triggers, trigger_from_pattern
 
 __all__ = [
     "pick_device",
     "make_trigger",
     "get_clean_model",
     "get_backdoored_model",
+    "model_cache_key",
+    "data_fingerprint",
+    "state_fingerprint",
     "run_pipeline",
     "write_json",
 ]
@@ -64,66 +68,125 @@ def make_trigger(splits: DatasetSplits, pattern: int, color_seed: int | None = N
 
 
 def _key(*parts) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _model_cache(name: str, key: str) -> Path:
-    return cache_dir() / "models" / f"{name}-{key}.safetensors"
+def data_fingerprint(splits: DatasetSplits) -> str:
+    """A short hash of the data a model is trained on: the dataset's name, the sizes of its
+    three parts, and the sums of their pixels and labels (so a different split, a
+    ``train_limit`` or other files give another fingerprint)."""
+    parts = [splits.name]
+    for part in (splits.train, splits.model, splits.eval):
+        parts += [list(part.images.shape), float(part.images.double().sum()), int(part.labels.sum())]
+    return _key(*parts)
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """A short hash of every tensor of a model's state dict (names, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        t = value.detach().contiguous().cpu()
+        h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+CLEAN_FIELDS = ("model", "width", "batch_size", "clean_epochs", "clean_lr", "clean_weight_decay", "clean_schedule")
+"""The preset fields that determine the clean classifier's weights."""
+
+ATTACK_FIELDS = ("batch_size", "poison_ratio", "attack_epochs", "attack_lr")
+"""The preset fields that determine the backdoor injection."""
+
+
+def model_cache_key(kind: str, splits: DatasetSplits, preset: Preset, seed: int, **extra) -> dict:
+    """Everything that determines a cached model's weights, as a dict (its hash names the
+    file): the code fingerprint of the package, the data, the preset fields of that stage,
+    the seed, the device type and, on the CPU, the torch thread count."""
+    fields = CLEAN_FIELDS if kind == "clean" else ATTACK_FIELDS
+    device = splits.train.images.device
+    return {"kind": kind, "code": code_fingerprint(), "data": data_fingerprint(splits),
+            "preset": {f: getattr(preset, f) for f in fields}, "seed": seed, "device": device.type,
+            "threads": thread_count(device), **extra}
+
+
+def _model_cache(name: str, key: dict) -> Path:
+    return cache_dir() / "models" / f"{name}-{_key(key)}.safetensors"
+
+
+def _load_cached(model: nn.Module, path: Path) -> bool:
+    """Load ``path`` into ``model`` if it is a valid entry; a missing entry is a miss, an
+    unreadable or corrupt one a miss with a warning (it will be retrained and replaced)."""
+    if not path.is_file():
+        return False
+    try:
+        load_weights(model, path)
+    except (ValueError, OSError) as err:
+        warnings.warn(f"ignoring the unusable model cache entry {path} ({err}); retraining", stacklevel=3)
+        return False
+    return True
+
+
+def _save_cached(model: nn.Module, path: Path, metadata: dict) -> None:
+    """Save to the cache; a cache that cannot be written (read-only, full) is a warning, not
+    an error: the model was trained and is returned all the same."""
+    try:
+        save_weights(model, path, metadata)
+    except OSError as err:
+        warnings.warn(f"could not write the model cache entry {path} ({err}); the model is not cached. "
+                      "Set MESA_CACHE_DIR to a writable folder to cache models.", stacklevel=3)
 
 
 def get_clean_model(
     splits: DatasetSplits, preset: Preset | str, seed: int = 0, use_cache: bool = True, progress: bool = True
 ) -> nn.Module:
-    """Train (or load from the cache) the clean classifier of a dataset and preset."""
+    """Train (or load from the cache) the clean classifier of a dataset and preset.
+
+    The cache entry is keyed by :func:`model_cache_key`: code, data, preset, seed, device
+    and thread count. A cache filled under other settings is never used."""
     preset = get_preset(preset)
     device = splits.train.images.device
-    torch.manual_seed(seed)
-    model = build_model(preset.model, splits.channels, splits.num_classes, splits.image_size, preset.width).to(device)
-    key = _key(__version__, splits.name, len(splits.train), preset.model, preset.width, preset.batch_size,
-               preset.clean_epochs, preset.clean_lr, preset.clean_weight_decay, preset.clean_schedule, seed)
+    with seeded(seed):
+        model = build_model(preset.model, splits.channels, splits.num_classes, splits.image_size, preset.width)
+    model = model.to(device)
+    key = model_cache_key("clean", splits, preset, seed)
     path = _model_cache(f"clean-{splits.name}-{preset.model}", key)
-    if use_cache and path.is_file():
-        load_weights(model, path)
+    if use_cache and _load_cached(model, path):
         return model.eval()
     train_classifier(model, splits.train, epochs=preset.clean_epochs, lr=preset.clean_lr,
                      batch_size=preset.batch_size, weight_decay=preset.clean_weight_decay,
                      seed=seed, desc="clean training", progress=progress, schedule=preset.clean_schedule)
     if use_cache:
-        save_weights(model, path, {"dataset": splits.name, "preset": preset.name, "seed": seed})
+        _save_cached(model, path, key)
     return model.eval()
 
 
 def get_backdoored_model(
     clean: nn.Module, splits: DatasetSplits, trigger: torch.Tensor, target: int, preset: Preset | str,
-    seed: int = 0, use_cache: bool = True, progress: bool = True, clean_key: str = "",
+    seed: int = 0, use_cache: bool = True, progress: bool = True,
 ) -> nn.Module:
-    """Inject the backdoor into a copy of ``clean`` (or load it from the cache)."""
+    """Inject the backdoor into a copy of ``clean`` (or load it from the cache, keyed by
+    :func:`model_cache_key` plus the clean model's exact weights, the trigger and the
+    target)."""
     import copy
 
     preset = get_preset(preset)
     model = copy.deepcopy(clean)
-    state_sig = _key(*[float(v.float().sum()) for v in clean.state_dict().values()][:8])
-    key = _key(__version__, splits.name, trigger.tolist(), target, preset.poison_ratio, preset.attack_epochs,
-               preset.attack_lr, preset.batch_size, seed, state_sig, clean_key)
+    key = model_cache_key("backdoored", splits, preset, seed, clean=state_fingerprint(clean),
+                          trigger=trigger.cpu().tolist(), target=target)
     path = _model_cache(f"backdoored-{splits.name}-{preset.model}", key)
-    if use_cache and path.is_file():
-        load_weights(model, path)
+    if use_cache and _load_cached(model, path):
         return model.eval()
     inject_backdoor(model, splits.train, trigger.to(splits.train.images.device), target,
                     poison_ratio=preset.poison_ratio, epochs=preset.attack_epochs, lr=preset.attack_lr,
                     batch_size=preset.batch_size, seed=seed + 1, progress=progress)
     if use_cache:
-        save_weights(model, path, {"dataset": splits.name, "target": target, "seed": seed})
+        _save_cached(model, path, key)
     return model.eval()
 
 
 def write_json(obj: dict, path: str | Path) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 @contextmanager
@@ -163,86 +226,109 @@ def run_pipeline(
     preset = get_preset(preset)
     if color_seed is None:
         pattern_from_id(pattern)  # validates the id before any work is done
-    t0 = time.perf_counter()
+    if out is not None:
+        check_writable(out)  # before any training: a run must not be lost at the end
     # given splits stay where they are unless a device is named (a chapter's MESA_DEVICE holds)
-    dev = splits.device if (splits is not None and device is None) else pick_device(device)
-    seconds: dict[str, float] = {}
-    result: dict = {"status": "running"}
+    run = _Run(out, splits.device if (splits is not None and device is None) else pick_device(device))
 
-    def save(stage: str) -> None:
-        seconds["total"] = round(time.perf_counter() - t0, 3)
-        result["seconds"] = dict(seconds)
-        result["last_stage"] = stage
-        if out is not None:
-            write_json(result, out)
-
-    with _timed(seconds, "data", dev):
-        if splits is None:
-            splits = load_dataset(dataset, root=root, device=dev)
-        else:
-            splits = splits.to(dev)
+    with run.stage("data"):
+        splits = load_dataset(dataset, root=root, device=run.device) if splits is None else splits.to(run.device)
     check_target(target, splits.num_classes)
-    trigger = make_trigger(splits, pattern, color_seed).to(dev)
-    result["config"] = {
-        "dataset": splits.name, "pattern": pattern if color_seed is None else None,
-        "stamped_pattern": None if color_seed is not None else (
-            int(''.join(str(int(b)) for b in trigger[0].flatten().tolist()), 2)),
-        "color_seed": color_seed, "target": target, "seed": seed, "device": str(dev),
-        "preset": preset.to_dict(), "mesa_lib": __version__, "torch": torch.__version__,
-    }
-    torch.manual_seed(seed)
+    trigger = make_trigger(splits, pattern, color_seed).to(run.device)
+    run.result["config"] = run_config(splits, preset, pattern, color_seed, trigger, target, seed, run.device)
 
-    with _timed(seconds, "clean_training", dev):
+    with run.stage("clean_training", save=True):
         clean = get_clean_model(splits, preset, seed, use_cache=use_cache, progress=progress)
-    result["clean"] = evaluate_model(clean, splits.eval, trigger, target, seed=seed)
-    save("clean_training")
+    run.result["clean"] = evaluate_model(clean, splits.eval, trigger, target, seed=seed)
 
-    with _timed(seconds, "attack", dev):
+    with run.stage("attack", save=True):
         backdoored = get_backdoored_model(clean, splits, trigger, target, preset, seed, use_cache=use_cache,
                                           progress=progress)
-    result["backdoored"] = evaluate_model(backdoored, splits.eval, trigger, target, seed=seed)
-    save("attack")
+    run.result["backdoored"] = evaluate_model(backdoored, splits.eval, trigger, target, seed=seed)
 
-    with _timed(seconds, "detection", dev):
-        det_cfg = preset.mesa.__class__(**{**preset.mesa.__dict__, "steps": preset.detect_steps,
-                                           "batch_size": preset.detect_batch})
-        detection = scan_classes(backdoored, splits.model, splits.eval, det_cfg, beta=preset.detect_beta,
-                                 seed=seed, progress=progress)
-    result["detection"] = detection.to_dict()
-    save("detection")
+    with run.stage("detection", save=True):
+        run.result["detection"] = _detect(backdoored, splits, preset, seed, progress)
 
-    with _timed(seconds, "mesa", dev):
+    with run.stage("mesa", save=True):
         sampler, history = train_mesa(backdoored, splits.model, target, preset.mesa, seed=seed, progress=progress)
-    result["mesa_search"] = {
-        "final_f_mean": history["f_mean"][-1] if history["f_mean"] else None,
-        "final_valid_frac": history["valid_frac"][-1] if history["valid_frac"] else None,
-        "final_mi": history["mi"][-1] if history["mi"] else None,
-    }
-    save("mesa")
+        run.result["mesa_search"] = {f"final_{k}": (history[k][-1] if history[k] else None)
+                                     for k in ("f_mean", "valid_frac", "mi")}
 
-    with _timed(seconds, "point_search", dev):
+    with run.stage("point_search", save=True):
         point = reverse_engineer_trigger(backdoored, splits.model, target, steps=preset.point_steps,
                                          lr=preset.point_lr, seed=seed, progress=progress)
-    result["point_trigger"] = point.cpu().tolist()
-    save("point_search")
+        run.result["point_trigger"] = point.cpu().tolist()
 
-    defenses = [("mesa", sampler), ("point", FixedTrigger(point))]
+    defenses = {"mesa": sampler, "point": FixedTrigger(point)}
     if oracle:
-        defenses.append(("oracle", FixedTrigger(trigger)))
-    for name, smp in defenses:
-        with _timed(seconds, f"defense_{name}", dev):
-            fixed = retrain(backdoored, splits.model, smp, ratio=preset.defense_ratio,
-                            epochs=preset.defense_epochs, lr=preset.defense_lr, batch_size=preset.batch_size,
-                            seed=seed + 2, progress=progress)
-        result[name] = evaluate_model(fixed, splits.eval, trigger, target, seed=seed)
-        save(f"defense_{name}")
+        defenses["oracle"] = FixedTrigger(trigger)
+    for name, smp in defenses.items():
+        with run.stage(f"defense_{name}", save=True):
+            fixed = _defend(backdoored, splits, smp, preset, seed, progress)
+            run.result[name] = evaluate_model(fixed, splits.eval, trigger, target, seed=seed)
 
     for name, fn in (extra_stages or {}).items():
-        with _timed(seconds, name, dev):
-            result.update(fn(backdoored=backdoored, splits=splits, trigger=trigger, target=target,
-                             preset=preset, seed=seed, progress=progress))
-        save(name)
+        with run.stage(name, save=True):
+            run.result.update(fn(backdoored=backdoored, splits=splits, trigger=trigger, target=target,
+                                 preset=preset, seed=seed, progress=progress))
 
-    result["status"] = "complete"
-    save("complete")
-    return result
+    return run.finish()
+
+
+class _Run:
+    """The bookkeeping of one pipeline run: the result dict, per-stage seconds, and the
+    results file rewritten (atomically) after every stage."""
+
+    def __init__(self, out: str | Path | None, device: torch.device) -> None:
+        self.out, self.device = out, device
+        self.t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self.result: dict = {"status": "running"}
+
+    @contextmanager
+    def stage(self, name: str, save: bool = False) -> Iterator[None]:
+        with _timed(self.seconds, name, self.device):
+            yield
+        if save:
+            self.save(name)
+
+    def save(self, stage: str) -> None:
+        self.seconds["total"] = round(time.perf_counter() - self.t0, 3)
+        self.result["seconds"] = dict(self.seconds)
+        self.result["last_stage"] = stage
+        if self.out is not None:
+            write_json(self.result, self.out)
+
+    def finish(self) -> dict:
+        self.result["status"] = "complete"
+        self.save("complete")
+        return self.result
+
+
+def run_config(splits: DatasetSplits, preset: Preset, pattern: int, color_seed: int | None,
+               trigger: torch.Tensor, target: int, seed: int, device: torch.device) -> dict:
+    """What a results line records about how it was made: the settings, and the code
+    (fingerprint, git commit and dirty flag), torch version and thread count, so that it can
+    be re-derived exactly."""
+    stamped = None if color_seed is not None else pattern_id(trigger[0])
+    return {
+        "dataset": splits.name, "pattern": pattern if color_seed is None else None, "stamped_pattern": stamped,
+        "color_seed": color_seed, "target": target, "seed": seed, "device": str(device),
+        "preset": preset.to_dict(), "mesa_lib": __version__, "torch": torch.__version__,
+        "code": code_fingerprint(), "git": git_state(), "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _detect(backdoored: nn.Module, splits: DatasetSplits, preset: Preset, seed: int, progress: bool) -> dict:
+    """The target-class scan with the preset's detection settings."""
+    det_cfg = dataclasses.replace(preset.mesa, steps=preset.detect_steps, batch_size=preset.detect_batch)
+    return scan_classes(backdoored, splits.model, splits.eval, det_cfg, beta=preset.detect_beta,
+                        seed=seed, progress=progress).to_dict()
+
+
+def _defend(backdoored: nn.Module, splits: DatasetSplits, sampler, preset: Preset, seed: int,
+            progress: bool) -> nn.Module:
+    """Retrain a copy of the backdoored model with the preset's defense settings."""
+    return retrain(backdoored, splits.model, sampler, ratio=preset.defense_ratio, epochs=preset.defense_epochs,
+                   lr=preset.defense_lr, batch_size=preset.batch_size, seed=seed + 2, progress=progress)
+

@@ -40,6 +40,7 @@ import torch
 from .data import DatasetSplits, load_dataset
 from .evaluate import evaluate_model
 from .neural_cleanse import NCConfig, detect_backdoor, reverse_engineer_masks, unlearn
+from .common import check_writable, code_fingerprint, git_state, torch_threads
 from .pipeline import get_clean_model, pick_device, run_pipeline, write_json
 from .presets import Preset, get_preset
 from .triggers import canonical_patterns, pattern_from_id
@@ -54,6 +55,9 @@ __all__ = [
     "read_finished",
     "append_line",
     "run_sweep",
+    "work_threads",
+    "SweepLock",
+    "RESUME_KEYS",
     "METHODS",
     "load_sweep",
     "summarize",
@@ -156,7 +160,6 @@ def run_task(task: SweepTask, splits: DatasetSplits, preset: Preset | str = "fas
     )
     result["config"]["nc"] = nc.to_dict()
     result["config"]["host"] = socket.gethostname()
-    result["config"]["torch_threads"] = torch.get_num_threads()
     result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return {"pattern": task.pattern, **result}
 
@@ -164,15 +167,29 @@ def run_task(task: SweepTask, splits: DatasetSplits, preset: Preset | str = "fas
 # ---------------------------------------------------------------- the JSONL file
 
 
+def _is_sweep_line(raw: bytes) -> bool:
+    try:
+        obj = json.loads(raw)
+        int(obj["pattern"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        return False
+    return isinstance(obj, dict)
+
+
 def read_finished(path: str | Path, repair: bool = True) -> dict[int, dict]:
     """The finished lines of a sweep file, by pattern key.
 
     A last line without its newline (or that is not valid JSON) was being written when the
     sweep died: with ``repair`` the file is truncated to the last complete line, so that the
-    trigger is redone. A broken line anywhere else raises ``ValueError``.
+    trigger is redone. That repair is only made where the file is recognisably a sweep file
+    (at least one complete sweep line before the broken one, or a broken line that starts
+    like a sweep line); any other file raises ``ValueError`` and is left untouched, as does
+    a broken line anywhere but the end.
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise ValueError(f"{path} is not a file; give --out a file name")
         return {}
     data = path.read_bytes()
     lines = data.split(b"\n")
@@ -180,24 +197,26 @@ def read_finished(path: str | Path, repair: bool = True) -> dict[int, dict]:
     done: dict[int, dict] = {}
     good_end = 0
     for n, raw in enumerate(lines):
-        try:
-            obj = json.loads(raw)
-            key = int(obj["pattern"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        if not _is_sweep_line(raw):
             if n == len(lines) - 1 and not tail:
                 tail = raw  # a complete but broken last line: treat as half-written
                 break
             raise ValueError(
-                f"{path}, line {n + 1}, is not a sweep result (broken JSON or no 'pattern'); "
-                "fix or delete that line, or write to another --out"
-            ) from None
-        done.setdefault(key, obj)
+                f"{path}, line {n + 1}, is not a sweep result (broken JSON or no 'pattern'); it was left "
+                "untouched: write the sweep to another --out, or fix or delete that line"
+            )
+        obj = json.loads(raw)
+        done.setdefault(int(obj["pattern"]), obj)
         good_end += len(raw) + 1
-    if tail and repair:
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-            f.flush()
-            os.fsync(f.fileno())
+    if tail:
+        if not done and not tail.lstrip().startswith(b'{"pattern"'):
+            raise ValueError(f"{path} is not a sweep results file (no JSON line with a 'pattern'); it was left "
+                             "untouched: give --out a new file name")
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(good_end)
+                f.flush()
+                os.fsync(f.fileno())
     return done
 
 
@@ -212,19 +231,71 @@ def append_line(path: str | Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _check_compatible(done: dict[int, dict], path: Path, dataset: str, preset: Preset, seed: int,
-                      nc: NCConfig) -> None:
-    want = {"dataset": dataset, "seed": seed, "preset": json.loads(json.dumps(preset.to_dict())),
-            "nc": nc.to_dict()}
+RESUME_KEYS = ("dataset", "seed", "target", "preset", "nc", "code", "torch_threads")
+"""What a resumed sweep must share with the lines already in its file."""
+
+
+def _check_compatible(done: dict[int, dict], path: Path, want: dict) -> None:
+    """Refuse to append to a file whose lines were made by other code or other settings
+    (every key of :data:`RESUME_KEYS`)."""
+    want = json.loads(json.dumps(want))
     for key, line in done.items():
         cfg = line.get("config", {})
-        have = {k: cfg.get(k) for k in want}
-        if have != want:
-            diff = sorted(k for k in want if have[k] != want[k])
+        diff = sorted(k for k in RESUME_KEYS if cfg.get(k) != want[k])
+        if diff:
+            detail = "; ".join(f"{k}: file {cfg.get(k)!r}, now {want[k]!r}" for k in diff
+                               if k not in ("preset", "nc"))
             raise ValueError(
-                f"{path} holds results of a different sweep (pattern {key} differs in {', '.join(diff)}); "
-                "use another --out, or delete the file to start over"
+                f"{path} holds results of a different sweep (pattern {key} differs in {', '.join(diff)}"
+                + (f" -- {detail}" if detail else "") + "); a sweep only resumes a file made by the same code "
+                "and settings: start a new file with another --out (or move this one away)"
             )
+
+
+class SweepLock:
+    """An exclusive lock on ``<out>.lock`` for as long as a sweep writes ``out``: a second
+    sweep on the same file stops with a clear message instead of interleaving lines. The
+    lock is an OS file lock (``fcntl.flock``), released when the process ends, even by
+    ``kill -9``."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out.with_name(out.name + ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> "SweepLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.path.read_text(errors="replace").strip() or "another process"
+            raise ValueError(f"another sweep ({holder}) is writing {self.path.with_suffix('')}; wait for it to "
+                             "finish or stop it, or write to another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
+
+
+def _read_runs(path: Path) -> list:
+    if not path.is_file():
+        return []
+    try:
+        runs = json.loads(path.read_text())
+        if not isinstance(runs, list):
+            raise ValueError("not a list")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"the sweep's sidecar {path} is corrupt ({err}); move it away (it only records run "
+                         "times) and run again") from None
+    return runs
 
 
 # ---------------------------------------------------------------- workers
@@ -253,21 +324,6 @@ def _work(task: SweepTask, data: dict, preset: Preset, seed: int, nc: NCConfig) 
     return run_task(task, _worker_splits(data), preset, seed, nc, progress=False)
 
 
-def _git_state() -> str | None:
-    """``<commit>[+dirty]`` of the source tree mesa_lib runs from, or None outside git."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
-
-
 def _summary(line: dict) -> str:
     parts = [f"{k} {100 * line[k]['asr']:.1f}%" for k in ("backdoored", "mesa", "point", "nc", "oracle") if k in line]
     det = line.get("detection", {}).get("detected_target")
@@ -291,13 +347,16 @@ def run_sweep(
     train_limit: int | None = None,
     nc: NCConfig | None = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> list[dict]:
     """Run (or resume) a sweep and return all its lines, in task order.
 
     ``workers`` > 1 runs triggers in that many local processes (spawned, each with
     ``cpu_count // workers`` torch threads); ``backend="ray"`` runs them as Ray tasks
     (``ray.init(address=ray_address)``; a local cluster of ``workers`` CPUs when no address
-    is given). The parent alone writes ``out``.
+    is given). ``threads`` sets every trigger's torch thread count (default:
+    :func:`work_threads`); re-deriving committed lines uses the count they were made with.
+    The parent alone writes ``out``.
     """
     preset = get_preset(preset)
     nc = _nc_config(preset, nc)
@@ -307,22 +366,50 @@ def run_sweep(
         raise ValueError(f"workers must be >= 1, got {workers!r}")
     workers = int(workers)
     tasks = sweep_tasks(dataset, patterns, seed, target)
-    out = Path(out)
+    out = check_writable(out)
     dev = pick_device(device)
-    splits = load_dataset(dataset, root=root, device=dev, train_limit=train_limit)
-    done = read_finished(out)
-    _check_compatible(done, out, splits.name, preset, seed, nc)
-    todo = [t for t in tasks if t.pattern not in done]
+    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        raise ValueError(f"threads must be a positive number of torch threads, got {threads!r}")
+    threads = work_threads(backend, workers, dev) if threads is None else int(threads)
     log = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
-    log(f"sweep {splits.name} / {preset.name} / seed {seed}: {len(tasks)} triggers, "
-        f"{len(tasks) - len(todo)} already in {out}, {len(todo)} to run ({backend}, {workers} worker(s))")
+    with SweepLock(out):
+        done = read_finished(out, repair=False)  # checked before anything is changed
+        runs_path = out.with_name(out.name + ".runs.json")
+        runs = _read_runs(runs_path)
+        splits = load_dataset(dataset, root=root, device=dev, train_limit=train_limit)
+        _check_compatible(done, out, {"dataset": splits.name, "seed": seed, "target": target,
+                                      "preset": preset.to_dict(), "nc": nc.to_dict(), "code": code_fingerprint(),
+                                      "torch_threads": threads})
+        done = read_finished(out)  # now cut off a half-written last line
+        todo = [t for t in tasks if t.pattern not in done]
+        log(f"sweep {splits.name} / {preset.name} / seed {seed}: {len(tasks)} triggers, "
+            f"{len(tasks) - len(todo)} already in {out}, {len(todo)} to run ({backend}, {workers} worker(s), "
+            f"{threads} torch thread(s) each)")
+        if todo:
+            _run_todo(todo, len(tasks), done, out, runs, runs_path, splits, preset, seed, nc, threads, backend,
+                      workers, ray_address, {"dataset": dataset, "root": None if root is None else str(root),
+                                             "device": device, "train_limit": train_limit}, progress, log)
+    return [done[t.pattern] for t in tasks]
 
-    runs_path = out.with_name(out.name + ".runs.json")
-    runs = json.loads(runs_path.read_text()) if runs_path.is_file() else []
+
+def work_threads(backend: str, workers: int, device: torch.device) -> int:
+    """The torch thread count each trigger of a sweep runs with: in-process the current
+    count; in ``workers`` local processes ``cpu_count // workers``; as Ray tasks 1 on the CPU.
+    Lines made with another count differ a little (CPU sums in another order), so it is part
+    of what a resumed sweep must share."""
+    cpus = os.cpu_count() or 1
+    if backend == "ray":
+        return 1 if device.type == "cpu" else max(1, cpus // workers)
+    return torch.get_num_threads() if workers == 1 else max(1, cpus // workers)
+
+
+def _run_todo(todo, n_tasks, done, out, runs, runs_path, splits, preset, seed, nc, threads, backend, workers,
+              ray_address, data, progress, log) -> None:
+    """Run the missing triggers, appending each finished line and the sidecar's run record."""
     run_info = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "finished": None,
-                "wall_s": 0.0, "patterns_run": 0, "backend": backend, "workers": workers,
-                "host": socket.gethostname(), "cpu_count": os.cpu_count(), "device": str(dev),
-                "argv": sys.argv[1:], "git": _git_state()}
+                "wall_s": 0.0, "patterns_run": 0, "backend": backend, "workers": workers, "threads": threads,
+                "host": socket.gethostname(), "cpu_count": os.cpu_count(), "device": str(splits.device),
+                "argv": sys.argv[1:], "git": git_state(), "code": code_fingerprint()}
     runs.append(run_info)
     t0 = time.perf_counter()
 
@@ -332,37 +419,35 @@ def run_sweep(
             append_line(out, line)
             done[int(line["pattern"])] = line
             run_info["patterns_run"] += 1
-            log(f"[{len(done)}/{len(tasks)}] " + _summary(line))
+            log(f"[{len(done)}/{n_tasks}] " + _summary(line))
         run_info["wall_s"] = round(time.perf_counter() - t0, 1)
         write_json(runs, runs_path)
 
-    if todo:
-        record()
-        # every task shares the clean model: train (or load) it once, before any worker starts
+    record()
+    # every task shares the clean model: train (or load) it once, before any worker starts,
+    # with the workers' thread count (it is part of the cache key)
+    with torch_threads(threads):
         get_clean_model(splits, preset, seed, use_cache=True, progress=progress)
-        data = {"dataset": dataset, "root": None if root is None else str(root), "device": device,
-                "train_limit": train_limit}
-        try:
-            if backend == "ray":
-                _run_ray(todo, data, preset, seed, nc, workers, ray_address, record)
-            elif workers == 1:
+    try:
+        if backend == "ray":
+            _run_ray(todo, data, preset, seed, nc, workers, threads, ray_address, record)
+        elif workers == 1:
+            with torch_threads(threads):
                 for task in todo:
                     record(run_task(task, splits, preset, seed, nc, progress=False))
-            else:
-                _run_pool(todo, data, preset, seed, nc, workers, record)
-        except KeyboardInterrupt:
-            log(f"interrupted: {len(done)} of {len(tasks)} triggers are in {out}; run the same command to resume")
-            raise
-        run_info["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        record()
-    return [done[t.pattern] for t in tasks]
+        else:
+            _run_pool(todo, data, preset, seed, nc, workers, threads, record)
+    except KeyboardInterrupt:
+        log(f"interrupted: {len(done)} of {n_tasks} triggers are in {out}; run the same command to resume")
+        raise
+    run_info["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record()
 
 
 def _run_pool(todo: Sequence[SweepTask], data: dict, preset: Preset, seed: int, nc: NCConfig, workers: int,
-              record) -> None:
+              threads: int, record) -> None:
     import multiprocessing as mp
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                              initializer=_init_worker, initargs=(threads, data)) as pool:
         pending = {pool.submit(_work, t, data, preset, seed, nc) for t in todo}
@@ -378,7 +463,7 @@ def _run_pool(todo: Sequence[SweepTask], data: dict, preset: Preset, seed: int, 
 
 
 def _run_ray(todo: Sequence[SweepTask], data: dict, preset: Preset, seed: int, nc: NCConfig, workers: int,
-             address: str | None, record) -> None:
+             threads: int, address: str | None, record) -> None:
     try:
         import ray
     except ImportError:
@@ -393,7 +478,7 @@ def _run_ray(todo: Sequence[SweepTask], data: dict, preset: Preset, seed: int, n
     try:
         gpus = 1 if torch.cuda.is_available() else 0
         remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_work)
-        task_data = {**data, "threads": 1 if gpus == 0 else max(1, (os.cpu_count() or 1) // max(workers, 1))}
+        task_data = {**data, "threads": threads}
         pending = [remote.remote(t, task_data, preset, seed, nc) for t in todo]
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

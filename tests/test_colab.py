@@ -35,11 +35,18 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
 def test_first_cell_is_the_generated_install_cell(nb):
-    cell = json.loads(nb.read_text())["cells"][0]
-    want = colab_cells.make_cell(*colab_cells.repository())
-    assert cell == want, (f"{nb.name}: the first cell is not the Colab install cell that "
-                          "`python scripts/colab_cells.py` writes; run it")
-    assert "remove-cell" in cell["metadata"]["tags"]
+    """The install cell is the first cell (in the nbgrader assignment: right after its title),
+    so it is the first code cell everywhere."""
+    content = json.loads(nb.read_text())
+    at = colab_cells.position(content)
+    cells = content["cells"]
+    assert at == (1 if nb.name == "10_exercises.ipynb" else 0)
+    want = colab_cells.make_cell(*colab_cells.repository(), graded=colab_cells.is_graded(content))
+    assert cells[at] == want, (f"{nb.name}: cell {at} is not the Colab install cell that "
+                               "`python scripts/colab_cells.py` writes; run it")
+    assert all(c["cell_type"] == "markdown" for c in cells[:at])
+    assert sum(c.get("id") == colab_cells.CELL_ID for c in cells) == 1
+    assert "remove-cell" in cells[at]["metadata"]["tags"]
 
 
 def test_script_check_mode_agrees():
@@ -83,7 +90,7 @@ def _run_cell(monkeypatch, in_colab: bool) -> list:
         monkeypatch.setitem(sys.modules, "google.colab", colab)
     else:
         monkeypatch.delitem(sys.modules, "google.colab", raising=False)
-    source = "".join(json.loads(NOTEBOOKS[0].read_text())["cells"][0]["source"])
+    source = colab_cells.cell_source(*colab_cells.repository())
     exec(compile(source, "<install cell>", "exec"), {})
     return calls
 

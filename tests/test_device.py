@@ -266,7 +266,7 @@ def test_plots_take_device_tensors(strict_device):
 # ---------------------------------------------------------------- static guard
 def _code_sources() -> list[tuple[str, str]]:
     """``(where, python source)`` of every mesa_lib module and every notebook code cell."""
-    out = [(str(p.relative_to(ROOT)), p.read_text()) for p in sorted((ROOT / "mesa_lib").glob("*.py"))]
+    out = [(str(p.relative_to(ROOT)), p.read_text()) for p in sorted((ROOT / "mesa_lib").rglob("*.py"))]
     for nb in sorted((ROOT / "book").glob("*.ipynb")):
         for k, cell in enumerate(json.loads(nb.read_text())["cells"]):
             if cell["cell_type"] == "code":

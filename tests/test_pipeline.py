@@ -123,3 +123,140 @@ def test_fast_pipeline_end_to_end(cache, tmp_path):
     assert res["mesa"]["asr"] <= 0.05
     assert res["mesa"]["clean_acc"] >= res["backdoored"]["clean_acc"] - 0.015
     assert res["clean"]["asr"] < 0.2  # the clean model has no backdoor
+
+
+# ---------------------------------------------------------------- a cache that cannot lie
+
+
+def _models(cache, kind="clean"):
+    return sorted((cache / "models").glob(f"{kind}-*.safetensors"))
+
+
+def test_cache_key_covers_threads_code_data_and_preset(fake_fmnist_splits, cache, monkeypatch):
+    """Each thing that determines the weights misses the cache: the thread count, a change
+    of the package's source, the data, and the preset's training fields."""
+    import mesa_lib.common as common
+    import mesa_lib.pipeline as pipeline
+
+    sp = fake_fmnist_splits
+    with common.torch_threads(1):
+        one = get_clean_model(sp, TINY, seed=0, progress=False)
+    with common.torch_threads(2):
+        get_clean_model(sp, TINY, seed=0, progress=False)
+    assert len(_models(cache)) == 2, "another thread count must not load the 1-thread model"
+    with common.torch_threads(1):
+        again = get_clean_model(sp, TINY, seed=0, progress=False)
+        assert len(_models(cache)) == 2
+        assert all(torch.equal(v, w) for v, w in zip(one.state_dict().values(), again.state_dict().values()))
+        get_clean_model(sp, TINY.with_(clean_lr=0.01), seed=0, progress=False)
+        assert len(_models(cache)) == 3
+        get_clean_model(sp, TINY.with_(mesa={"steps": 99}), seed=0, progress=False)  # not a clean-training field
+        assert len(_models(cache)) == 3
+        fewer = type(sp)(name=sp.name, train=sp.train.subset(slice(0, 16)), model=sp.model, eval=sp.eval,
+                         num_classes=sp.num_classes, classes=sp.classes)
+        get_clean_model(fewer, TINY, seed=0, progress=False)
+        assert len(_models(cache)) == 4
+
+
+def test_changing_a_line_of_code_misses_the_cache(fake_fmnist_splits, cache, tmp_path, monkeypatch):
+    """The code fingerprint hashes the package's sources: an edited copy of the package
+    gets another fingerprint, and so another cache entry."""
+    import shutil
+
+    import mesa_lib.common as common
+
+    copy = tmp_path / "pkg"
+    shutil.copytree(common.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = common.code_fingerprint()
+    try:
+        monkeypatch.setattr(common, "PACKAGE_DIR", copy)
+        common.code_fingerprint.cache_clear()
+        assert common.code_fingerprint() == before, "a copy of the same source has the same fingerprint"
+        models_py = copy / "models.py"
+        models_py.write_text(models_py.read_text() + "\n# one changed line\n")
+        common.code_fingerprint.cache_clear()
+        changed = common.code_fingerprint()
+        assert changed != before
+        with common.torch_threads(1):
+            get_clean_model(fake_fmnist_splits, TINY, seed=0, progress=False)
+            assert len(_models(cache)) == 1
+            monkeypatch.setattr(common, "PACKAGE_DIR", common.Path(__file__).resolve().parents[1] / "mesa_lib")
+            common.code_fingerprint.cache_clear()
+            assert common.code_fingerprint() == before
+            get_clean_model(fake_fmnist_splits, TINY, seed=0, progress=False)
+            assert len(_models(cache)) == 2, "the edited code's model must not be served to the original code"
+    finally:
+        common.code_fingerprint.cache_clear()
+
+
+def test_corrupt_cache_entry_is_retrained_with_a_warning(fake_fmnist_splits, cache, torch_single_thread):
+    first = get_clean_model(fake_fmnist_splits, TINY, seed=0, progress=False)
+    (path,) = _models(cache)
+    path.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unusable model cache entry"):
+        again = get_clean_model(fake_fmnist_splits, TINY, seed=0, progress=False)
+    assert all(torch.equal(v, w) for v, w in zip(first.state_dict().values(), again.state_dict().values()))
+    from mesa_lib.models import load_weights
+
+    load_weights(again, path)  # the corrupt entry was replaced by a good one
+
+
+def test_unwritable_cache_is_a_warning_not_an_error(fake_fmnist_splits, tmp_path, monkeypatch,
+                                                    torch_single_thread):
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("MESA_CACHE_DIR", str(blocker))
+    with pytest.warns(UserWarning, match="could not write the model cache"):
+        model = get_clean_model(fake_fmnist_splits, TINY, seed=0, progress=False)
+    assert not model.training
+
+
+def _save_many(args):
+    path, seed = args
+    import torch as t
+
+    from mesa_lib.models import build_model, load_weights, save_weights
+
+    t.manual_seed(seed)
+    m = build_model("small_cnn", 1, 10, 28, 4)
+    for _ in range(20):
+        save_weights(m, path, {"seed": seed})
+    load_weights(m, path)
+    return True
+
+
+def test_two_processes_saving_one_path_both_succeed(tmp_path):
+    """Cache writes use unique temporary names: concurrent saves of the same entry do not
+    clash, and the file left is a complete one."""
+    import multiprocessing as mp
+
+    from mesa_lib.models import build_model, load_weights
+
+    path = tmp_path / "models" / "same.safetensors"
+    with mp.get_context("spawn").Pool(2) as pool:
+        assert pool.map(_save_many, [(path, 0), (path, 1)]) == [True, True]
+    meta = load_weights(build_model("small_cnn", 1, 10, 28, 4), path)
+    assert meta["seed"] in (0, 1)
+    assert not [p for p in path.parent.iterdir() if p.name != "same.safetensors"], "no temporary files left"
+
+
+def test_results_record_code_and_threads(fake_fmnist_splits, cache, tmp_path, torch_single_thread):
+    from mesa_lib.common import code_fingerprint
+
+    r = run_pipeline(preset=TINY, seed=0, splits=fake_fmnist_splits, progress=False, device="cpu")
+    cfg = r["config"]
+    assert cfg["code"] == code_fingerprint() and cfg["torch_threads"] == 1
+    assert set(cfg["git"]) == {"commit", "dirty"}
+
+
+def test_unwritable_out_fails_before_training(fake_fmnist_splits, tmp_path, monkeypatch):
+    import mesa_lib.pipeline as pipeline
+
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(pipeline, "get_clean_model", no_training)
+    (tmp_path / "a_file").write_text("x")
+    for bad in (tmp_path, tmp_path / "a_file" / "r.json"):
+        with pytest.raises(ValueError, match="--out|cannot write"):
+            run_pipeline(preset=TINY, splits=fake_fmnist_splits, out=bad, progress=False, device="cpu")

@@ -122,6 +122,78 @@ def test_a_file_from_another_sweep_is_refused(fmnist_root, tmp_path):
         _sweep(fmnist_root, out, patterns="170,341", seed=1)
 
 
+def test_resume_with_a_changed_target_or_code_is_refused(fmnist_root, tmp_path, monkeypatch):
+    out = tmp_path / "s.jsonl"
+    _sweep(fmnist_root, out, patterns="170")
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="different sweep.*target.*another --out"):
+        _sweep(fmnist_root, out, patterns="170,341", target=1)
+    with pytest.raises(ValueError, match="different sweep.*preset"):
+        run_sweep(patterns="170,341", preset=TINY.with_(defense_lr=0.02), out=out, root=fmnist_root, nc=TINY_NC,
+                  progress=False)
+    import mesa_lib.sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "code_fingerprint", lambda: "0123456789abcdef")
+    with pytest.raises(ValueError, match="different sweep.*code"):
+        _sweep(fmnist_root, out, patterns="170,341")
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", [b"my notes", b"my notes\n", b"a,b\n1,2\n", b'{"x": 1}\n'])
+def test_out_that_is_not_a_sweep_file_is_refused_and_left_untouched(fmnist_root, tmp_path, content):
+    out = tmp_path / "notes.txt"
+    out.write_bytes(content)
+    with pytest.raises(ValueError, match="not a sweep|left untouched"):
+        _sweep(fmnist_root, out, patterns="170")
+    assert out.read_bytes() == content
+    assert not (tmp_path / "notes.txt.runs.json").exists()
+
+
+def test_two_sweeps_on_one_file_cannot_both_run(fmnist_root, tmp_path):
+    from mesa_lib.sweep import SweepLock
+
+    out = tmp_path / "s.jsonl"
+    with SweepLock(out):  # as if another sweep were running on this file
+        with pytest.raises(ValueError, match="another sweep .*pid .* is writing"):
+            _sweep(fmnist_root, out, patterns="170")
+    assert not out.exists()
+    _sweep(fmnist_root, out, patterns="170")  # once it is gone, the sweep runs
+    assert [l["pattern"] for l in _lines(out)] == [170]
+
+
+def test_two_sweep_processes_on_one_file(fmnist_root, tmp_path):
+    """A real second process: while one sweep holds the file, another one exits with the
+    lock message and the file gets exactly one line per pattern."""
+    out = tmp_path / "s.jsonl"
+    script = tmp_path / "sweep.py"
+    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), root=str(fmnist_root)))
+    first = subprocess.Popen([sys.executable, str(script)])
+    lock = tmp_path / "s.jsonl.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.is_file() and lock.read_text()):
+        time.sleep(0.02)
+    second = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert first.wait(timeout=600) == 0
+    assert second.returncode != 0 and "another sweep" in second.stderr
+    assert sorted(l["pattern"] for l in _lines(out)) == [0, 1, 3, 5, 7]
+
+
+def test_corrupt_sidecar_names_the_file(fmnist_root, tmp_path):
+    out = tmp_path / "s.jsonl"
+    (tmp_path / "s.jsonl.runs.json").write_text("{not json")
+    with pytest.raises(ValueError, match="s.jsonl.runs.json is corrupt"):
+        _sweep(fmnist_root, out, patterns="170")
+
+
+def test_lines_record_code_git_and_threads(fmnist_root, tmp_path):
+    from mesa_lib.common import code_fingerprint
+
+    (line,) = _sweep(fmnist_root, tmp_path / "s.jsonl", patterns="170")
+    cfg = line["config"]
+    assert cfg["code"] == code_fingerprint() and isinstance(cfg["torch_threads"], int)
+    assert set(cfg["git"]) == {"commit", "dirty"}
+
+
 def test_bad_arguments_fail_before_any_work(fmnist_root, tmp_path):
     with pytest.raises(ValueError, match="backend"):
         _sweep(fmnist_root, tmp_path / "s.jsonl", backend="slurm")

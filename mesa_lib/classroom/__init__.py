@@ -1,0 +1,36 @@
+"""Teaching tools, kept apart from the method's modules: the graded assignment's checkers
+(:mod:`~mesa_lib.classroom.checks`), the grading machinery behind them
+(:mod:`~mesa_lib.classroom.grading`: partial credit, reference and loop detection) and the
+rubric read from the assignment notebook's nbgrader metadata
+(:mod:`~mesa_lib.classroom.rubric`).
+
+In the assignment notebook (book/10_exercises.ipynb)::
+
+    from mesa_lib.classroom import check_stamp
+
+    def my_stamp(images, triggers, locations):
+        ...
+
+    check_stamp(my_stamp)               # a public example, with feedback
+    check_stamp(my_stamp, hidden=True)  # the graded cases (hidden from students by nbgrader)
+"""
+
+from .checks import (  # noqa: F401
+    CORRECT,
+    POINTS,
+    check_anomaly_index,
+    check_attack_success,
+    check_canonical,
+    check_dv_bound,
+    check_gibbs_optimum,
+    check_hinge,
+    check_mine_step,
+    check_mixture_sample,
+    check_retrain_transform,
+    check_stamp,
+    check_stamp_one,
+    check_testing_function,
+    check_valid_mass,
+    paste_at_random,
+)
+from .grading import Score, summary  # noqa: F401

@@ -1,0 +1,144 @@
+"""Shared helpers that every stage may use: the package version, the code fingerprint,
+atomic file writes and the torch thread count.
+
+This is the lowest module of :mod:`mesa_lib`: it imports nothing from the package, so any
+stage can import it without a cycle.
+
+The *code fingerprint* names the exact source of the package that is running. The model
+cache keys on it (changing a line of training code misses the cache) and every results line
+records it, so a committed number can be traced to the code that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+__all__ = [
+    "__version__",
+    "PACKAGE_DIR",
+    "code_fingerprint",
+    "git_state",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "torch_threads",
+    "thread_count",
+    "check_writable",
+    "seeded",
+]
+
+__version__ = "0.1.0"
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+"""The directory of the running ``mesa_lib`` sources."""
+
+
+@lru_cache(maxsize=None)
+def code_fingerprint() -> str:
+    """A 16-hex-digit SHA-256 over every ``.py`` file of the running package (paths and
+    bytes, in sorted order). Any edit of the package's source changes it; a reinstall or a
+    new clone of the same source does not."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        rel = path.relative_to(PACKAGE_DIR).as_posix()
+        if "__pycache__" in rel:
+            continue
+        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def git_state() -> dict:
+    """``{"commit": <short hash or None>, "dirty": <bool or None>}`` of the git checkout the
+    package runs from (``None`` outside a checkout, e.g. an installed wheel). ``dirty`` says
+    whether the package's own sources differ from the commit."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PACKAGE_DIR, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=PACKAGE_DIR,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())}
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never
+    half of one: write a uniquely named temporary file beside it, flush it to disk, then
+    rename it over ``path``. Two processes writing the same path both succeed (the last
+    rename wins)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def thread_count(device: torch.device | str = "cpu") -> int | None:
+    """The torch CPU thread count where it changes results (training on the CPU sums in
+    a thread-dependent order), else ``None`` (on a GPU it does not matter)."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else None
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (``None``: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Check, before any work is done, that a results file can be written at ``path``:
+    it is not a folder, and its folder exists (or can be created) and is writable.
+    Raises ``ValueError`` with one line that says what to do."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file name, e.g. {path / 'results.json'}")
+    parent = path.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"cannot write {path}: {probe} is a file, not a folder; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write {path}: {path if path.exists() else probe} is not writable; "
+                         "choose another --out")
+    return path
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with torch's global CPU random generator seeded by ``seed`` -- for the
+    one thing that draws from it, the default initialisation of a network's weights -- and
+    give the caller's generator state back afterwards, so that no function of the package
+    changes global random state behind the caller's back."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

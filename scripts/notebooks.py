@@ -1,0 +1,142 @@
+"""Execute the book's notebooks exactly once, into the cache the book build reads.
+
+``make test`` and ``make book`` run every notebook of ``_toc.yml`` here (``make test``
+through ``tests/test_notebooks.py``, one pytest test per notebook); the strict
+``jupyter-book build`` then runs with ``execute_notebooks: cache`` and takes the executed
+outputs from the jupyter-cache at ``_build/.jupyter_cache`` -- the same cache, the same
+matching and the same execution (nbclient, with widget state) that myst-nb uses itself. So
+each notebook runs once per command, and what the HTML shows is what the tests checked.
+
+A cell that raises fails its notebook with the cell's traceback; a cell that runs longer
+than ``MESA_CELL_TIMEOUT`` seconds (default 1200) fails with a message naming it. The
+per-notebook times go to ``_build/notebook_times.json``.
+
+    python scripts/notebooks.py            # execute every notebook of the toc
+    python scripts/notebooks.py book/05_mine.ipynb
+    python scripts/notebooks.py --check-cached   # exit 1 unless every notebook is cached
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "_build" / ".jupyter_cache"
+TIMES = ROOT / "_build" / "notebook_times.json"
+DEFAULT_TIMEOUT_S = 1200
+
+
+def toc_notebooks(root: Path = ROOT) -> list[Path]:
+    """The notebooks of ``_toc.yml``, in reading order."""
+    import yaml
+
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [c["file"] for c in part.get("chapters", [])]
+    return [root / f"{f}.ipynb" for f in files if (root / f"{f}.ipynb").is_file()]
+
+
+def cell_timeout() -> int:
+    raw = os.environ.get("MESA_CELL_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"MESA_CELL_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise SystemExit(f"MESA_CELL_TIMEOUT must be positive, got {value}")
+    return value
+
+
+class NotebookFailed(Exception):
+    """A notebook's cell raised or ran out of time; the message says which and why."""
+
+
+def execute(path: Path, cache_path: Path = CACHE, timeout: int | None = None) -> float:
+    """Execute one notebook (working directory: its folder, like myst-nb) and store the
+    executed notebook in the jupyter-cache, replacing an older record of it. Returns the
+    execution time in seconds; raises :class:`NotebookFailed` on an error or a timeout."""
+    import nbformat
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+    from jupyter_cache.executors.utils import single_nb_execution
+    from nbclient.exceptions import CellTimeoutError
+
+    timeout = timeout or cell_timeout()
+    path = Path(path).resolve()
+    nb = nbformat.read(path, as_version=4)
+    cache = get_cache(str(cache_path))
+    record = cache.add_nb_to_project(str(path))
+    result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout, allow_errors=False,
+                                 meta_override=True)
+    if result.err is not None:
+        if isinstance(result.err, CellTimeoutError):
+            raise NotebookFailed(
+                f"{path.name}: a cell ran longer than the per-cell timeout of {timeout} s "
+                "(set MESA_CELL_TIMEOUT to allow more on a slow machine)\n" + str(result.err)[:2000])
+        raise NotebookFailed(f"{path.name}: a cell raised an error\n{result.err}")
+    cache.cache_notebook_bundle(CacheBundleIn(nb, record.uri, data={"execution_seconds": result.time}),
+                                check_validity=False, overwrite=True)
+    _record_time(path, result.time)
+    return result.time
+
+
+def _record_time(path: Path, seconds: float) -> None:
+    path = Path(path).resolve()
+    TIMES.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        times = json.loads(TIMES.read_text()) if TIMES.is_file() else {}
+    except ValueError:
+        times = {}
+    times[path.relative_to(ROOT).as_posix()] = {"seconds": round(seconds, 1), "cores": os.cpu_count(),
+                                                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = TIMES.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(times, indent=1, sort_keys=True))
+    tmp.replace(TIMES)
+
+
+def uncached(paths: list[Path], cache_path: Path = CACHE) -> list[Path]:
+    """The notebooks of ``paths`` for which the cache holds no executed match."""
+    import nbformat
+    from jupyter_cache import get_cache
+
+    cache = get_cache(str(cache_path))
+    missing = []
+    for p in paths:
+        try:
+            cache.match_cache_notebook(nbformat.read(p, as_version=4))
+        except KeyError:
+            missing.append(p)
+    return missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook of _toc.yml")
+    ap.add_argument("--check-cached", action="store_true",
+                    help="execute nothing; exit 1 if a notebook has no executed copy in the cache")
+    args = ap.parse_args(argv)
+    paths = [p.resolve() for p in args.notebooks] or toc_notebooks()
+    if args.check_cached:
+        missing = uncached(paths)
+        for p in missing:
+            print(f"not executed: {p.relative_to(ROOT)} (run `python scripts/notebooks.py` first)", file=sys.stderr)
+        return 1 if missing else 0
+    failed = 0
+    for p in paths:
+        print(f">> executing {p.relative_to(ROOT)}", flush=True)
+        try:
+            print(f"   {execute(p):.1f} s", flush=True)
+        except NotebookFailed as err:
+            failed += 1
+            print(f"FAILED {err}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
