@@ -24,7 +24,7 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
 # Extra arguments for pytest, e.g.  make test PYTEST_ARGS='-m "not slow" -x'
 PYTEST_ARGS ?=
 
-.PHONY: help install data browser book test bench handouts readme-results clean distclean
+.PHONY: help install data browser book test test-device bench handouts readme-results clean distclean
 
 help:
 	@echo "make book   - install, fetch data, execute every notebook once, build the Jupyter Book"
@@ -32,6 +32,7 @@ help:
 	@echo "make test   - install, fetch data and Chromium, pytest on tests/ (unit tests + every notebook,"
 	@echo "              each executed once), build the book (strict) from the notebooks' outputs,"
 	@echo "              and check every page in headless Chromium"
+	@echo "make test-device - every notebook in strict-device mode (GPU-only mistakes fail on the CPU)"
 	@echo "make handouts - student notebooks (solutions removed) from book/10_exercises.ipynb into handouts/"
 	@echo "make install | data | bench | clean | distclean"
 
@@ -126,6 +127,14 @@ test: install data browser
 	$(PY) -m pytest $(PYTEST_ARGS) tests --ignore=tests/test_book_browser.py
 	$(BUILD_BOOK)
 	MESA_BROWSER_TEST_REQUIRED=1 MESA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest $(PYTEST_ARGS) tests/test_book_browser.py
+
+# ---------------------------------------------------------------- test-device
+# Every chapter with MESA_STRICT_DEVICE=1: data and models on mesa_lib.devicecheck's simulated
+# device, so .numpy() on a device tensor, host/device mixing and host tensors indexed with
+# device indices fail here as they would on a GPU. (tests/test_device.py, part of `make test`,
+# checks the library and chapter 3 so; this runs all chapters, after `make test` warmed the cache.)
+test-device: install data
+	MESA_STRICT_DEVICE=1 $(PY) -m pytest --nbval-lax $(PYTEST_ARGS) book
 
 # ---------------------------------------------------------------- bench
 bench: install data

@@ -87,7 +87,7 @@ def state_fingerprint(model: nn.Module) -> str:
     for name, value in model.state_dict().items():
         t = value.detach().contiguous().cpu()
         h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -228,7 +228,8 @@ def run_pipeline(
         pattern_from_id(pattern)  # validates the id before any work is done
     if out is not None:
         check_writable(out)  # before any training: a run must not be lost at the end
-    run = _Run(out, pick_device(device))
+    # given splits stay where they are unless a device is named (a chapter's MESA_DEVICE holds)
+    run = _Run(out, splits.device if (splits is not None and device is None) else pick_device(device))
 
     with run.stage("data"):
         splits = load_dataset(dataset, root=root, device=run.device) if splits is None else splits.to(run.device)

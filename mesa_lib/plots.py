@@ -100,7 +100,7 @@ def show_images(
     grid = make_grid(x, nrow=ncol, padding=padding, pad_value=pad_value)  # [3, H', W']
     gh, gw = grid.shape[1:]
     ax = _new_ax(ax, (cell_inches * ncol, cell_inches * ncol * gh / gw))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", vmin=0, vmax=1)
+    ax.imshow(grid.permute(1, 2, 0).cpu().numpy(), interpolation="nearest", vmin=0, vmax=1)
     ax.set_axis_off()
     if titles is not None:
         for k, t in enumerate(titles):  # one text artist per title (matplotlib has no batched text)
@@ -118,7 +118,7 @@ def patterns_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ids must be a non-empty 1-D sequence of integer pattern ids, got {ids!r}")
     if bool(((t < 0) | (t >= NUM_PATTERNS)).any()):
         raise ValueError(f"pattern ids must be in 0..{NUM_PATTERNS - 1} (9-bit numbers), got {t.tolist()}")
-    shifts = torch.arange(8, -1, -1)
+    shifts = torch.arange(8, -1, -1, device=t.device)
     return ((t.long()[:, None] >> shifts) & 1).float().reshape(-1, 1, 3, 3)
 
 
@@ -230,7 +230,7 @@ def trigger_embedding(
         img = x[pick].permute(0, 2, 3, 1)
         img = img.expand(*img.shape[:3], 3) if img.shape[-1] == 1 else img
         for k, i in enumerate(pick.tolist()):  # one artist per thumbnail: matplotlib needs one each
-            box = OffsetImage(img[k].numpy(), zoom=zoom * 3, interpolation="nearest")
+            box = OffsetImage(img[k].cpu().numpy(), zoom=zoom * 3, interpolation="nearest")
             ax.add_artist(AnnotationBbox(box, (float(xy[i, 0]), float(xy[i, 1])), frameon=True, pad=0.15,
                                          bboxprops={"edgecolor": point_colors[i], "linewidth": 1.5}))
     ax.set_xlabel("PC 1")
@@ -255,7 +255,7 @@ def plot_training_history(history: Mapping[str, Any], betas: Sequence[float] | N
     steps = list(history["step"])
     if not steps:
         raise ValueError("history is empty (0 logged steps); train for at least one step")
-    curves = {k: torch.as_tensor(history[k], dtype=torch.float32) for k in ("f_mean", "valid_frac", "mi")}
+    curves = {k: torch.as_tensor(history[k], dtype=torch.float32).detach().cpu() for k in ("f_mean", "valid_frac", "mi")}
     for k, v in curves.items():
         if v.dim() != 2 or len(v) != len(steps):
             raise ValueError(f"history[{k!r}] must be [logged steps={len(steps)}, sub-models], got {tuple(v.shape)}")
@@ -268,7 +268,7 @@ def plot_training_history(history: Mapping[str, Any], betas: Sequence[float] | N
     titles = {"f_mean": "mean f (target probability)", "valid_frac": "fraction of samples with f > beta",
               "mi": "MINE estimate of I(z; x)"}
     for ax, (k, v) in zip(axes, curves.items()):
-        lines = ax.plot(steps, v.numpy())
+        lines = ax.plot(steps, v.cpu().numpy())
         ax.set_title(titles[k], fontsize=10)
         ax.set_xlabel("generator step")
         if k == "f_mean" and betas is not None:
@@ -306,7 +306,7 @@ def bar_per_class(
         raise ValueError(f"got {len(class_names)} class names for {n} values")
     ax = _new_ax(ax, (max(4.0, 0.5 * n), 3))
     colors = ["tab:red" if i == highlight else "0.6" for i in range(n)]
-    ax.bar(range(n), v.numpy(), color=colors)
+    ax.bar(range(n), v.cpu().numpy(), color=colors)
     ax.set_xticks(range(n), list(class_names) if class_names is not None else [str(i) for i in range(n)],
                   rotation=45 if class_names is not None else 0, ha="right" if class_names is not None else "center")
     ax.set_ylabel(ylabel)
@@ -347,6 +347,8 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], floatfmt: str =
         raise ValueError(f"every row needs {len(headers)} cells (one per header)")
 
     def cell(v: Any) -> str:
+        if isinstance(v, torch.Tensor) and v.numel() == 1:  # a scalar tensor, on any device
+            v = v.item()
         return format(v, floatfmt) if isinstance(v, float) else str(v)
 
     return Table([[cell(v) for v in r] for r in rows], headers)

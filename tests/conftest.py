@@ -284,3 +284,18 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if type(item).__name__ == "IPyNbCell":
             item.output_timeout = NBVAL_OUTPUT_TIMEOUT_S
+
+
+
+# ---------------------------------------------------------------- strict device mode
+# Notebooks: `MESA_STRICT_DEVICE=1 pytest --nbval-lax book/03_one_or_many.ipynb` (the kernel
+# inherits the variable; mesa_lib.book.chapter_setup then puts the chapter's data and models on
+# the simulated device of mesa_lib.devicecheck); `make test-device` runs every chapter so.
+@pytest.fixture
+def strict_device():
+    """Run a test in strict-device mode; yields the simulated device (``cpu:1``), which stands
+    for ``cuda``: see :mod:`mesa_lib.devicecheck`."""
+    from mesa_lib.devicecheck import strict_device as _strict
+
+    with _strict() as dev:
+        yield dev
