@@ -30,6 +30,11 @@ CACHE = ROOT / "_build" / ".jupyter_cache"
 TIMES = ROOT / "_build" / "notebook_times.json"
 DEFAULT_TIMEOUT_S = 1200
 
+STRICT_DEVICE = {"02_backdoor", "03_one_or_many", "07_detection", "10_exercises"}
+"""Notebooks executed with ``MESA_STRICT_DEVICE=1`` (mesa_lib.devicecheck's simulated device:
+``.numpy()`` on a device tensor or host/device mixing fails here as on a GPU) in their one
+execution. The others have not been made strict-clean yet; ``make test-device`` runs them all."""
+
 
 def toc_notebooks(root: Path = ROOT) -> list[Path]:
     """The notebooks of ``_toc.yml``, in reading order."""
@@ -72,8 +77,19 @@ def execute(path: Path, cache_path: Path = CACHE, timeout: int | None = None) ->
     nb = nbformat.read(path, as_version=4)
     cache = get_cache(str(cache_path))
     record = cache.add_nb_to_project(str(path))
-    result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout, allow_errors=False,
-                                 meta_override=True)
+    strict = path.stem in STRICT_DEVICE
+    saved = os.environ.get("MESA_STRICT_DEVICE")
+    if strict:
+        os.environ["MESA_STRICT_DEVICE"] = "1"  # the kernel inherits it
+    try:
+        result = single_nb_execution(nb, cwd=str(path.parent), timeout=timeout, allow_errors=False,
+                                     meta_override=True)
+    finally:
+        if strict:
+            if saved is None:
+                os.environ.pop("MESA_STRICT_DEVICE")
+            else:
+                os.environ["MESA_STRICT_DEVICE"] = saved
     if result.err is not None:
         if isinstance(result.err, CellTimeoutError):
             raise NotebookFailed(

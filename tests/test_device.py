@@ -326,27 +326,14 @@ def test_sweep_task_on_device(dev_splits, strict_device, monkeypatch, tmp_path, 
 
 
 # ---------------------------------------------------------------- chapters in strict mode
-# The chapters that turn device results into pictures and index host tensors with them, run
-# whole with MESA_STRICT_DEVICE=1 (they reuse the classifiers in the model cache). Every
-# chapter: `make test-device`.
-STRICT_CHAPTERS = ["02_backdoor.ipynb", "03_one_or_many.ipynb"]
+# Chapters 2, 3, 7 and 10 run whole with MESA_STRICT_DEVICE=1 in their one execution by
+# tests/test_notebooks.py (scripts/notebooks.py's STRICT_DEVICE); every chapter: `make test-device`.
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("chapter", STRICT_CHAPTERS)
-def test_chapter_runs_in_strict_mode(chapter, monkeypatch):
-    from conftest import real_fmnist_available
+def test_strict_chapters_exist():
+    import sys
 
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    if not real_fmnist_available():
-        pytest.skip("Fashion-MNIST is not installed (make data)")
-    monkeypatch.setenv(devicecheck.ENV, "1")  # the kernel inherits it
-    nb = nbformat.read(ROOT / "book" / chapter, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell(
-        "from mesa_lib import devicecheck\n"
-        "assert devicecheck.enabled() and ch.device == devicecheck.SIM_DEVICE, ch.device\n"
-        "assert devicecheck.on_device(ch.splits.eval.images)"))
-    client = nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
-                                     resources={"metadata": {"path": str(ROOT / "book")}})
-    client.execute()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import notebooks
+
+    assert notebooks.STRICT_DEVICE <= {p.stem for p in notebooks.toc_notebooks()}
