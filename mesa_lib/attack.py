@@ -14,9 +14,9 @@ import torch.nn as nn
 from .data import ImageSet
 from .models import BatchTransform, train_classifier
 from .triggers import stamp
-from .validate import check_trigger
+from .validate import check_target, check_trigger, num_classes
 
-__all__ = ["poison_transform", "inject_backdoor", "check_ratio", "check_target", "count_in_batch"]
+__all__ = ["poison_transform", "inject_backdoor", "check_ratio", "count_in_batch"]
 
 
 def check_ratio(name: str, ratio: float) -> float:
@@ -31,13 +31,6 @@ def count_in_batch(ratio: float, batch: int) -> int:
     least one when ``ratio > 0`` (1% of a batch of 64 would otherwise round to nothing)."""
     k = int(round(ratio * batch))
     return max(k, 1) if ratio > 0 else k
-
-
-def check_target(target: int, num_classes: int) -> int:
-    """Validate a class index."""
-    if isinstance(target, bool) or not float(target).is_integer() or not 0 <= int(target) < num_classes:
-        raise ValueError(f"target class must be an integer in 0..{num_classes - 1}, got {target!r}")
-    return int(target)
 
 
 def poison_transform(trigger: torch.Tensor, target: int, poison_ratio: float) -> BatchTransform:
@@ -84,8 +77,7 @@ def inject_backdoor(
     """
     if not isinstance(train, ImageSet):
         raise ValueError(f"train must be an ImageSet, got {type(train).__name__}")
-    num_classes = _num_classes(model, train)
-    check_target(target, num_classes)
+    check_target(target, num_classes(model, train.images))
     if not isinstance(trigger, torch.Tensor) or trigger.dim() != 3:
         shape = tuple(trigger.shape) if isinstance(trigger, torch.Tensor) else type(trigger).__name__
         raise ValueError(f"trigger must be [C, p, p], got shape {shape}")
@@ -101,10 +93,3 @@ def inject_backdoor(
     )
 
 
-def _num_classes(model: nn.Module, data: ImageSet) -> int:
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        n = model(data.images[:1].to(next(model.parameters()).device)).shape[1]
-        model.train(was)
-    return n

@@ -16,6 +16,7 @@ import torch.nn as nn
 from .data import ImageSet
 from .evaluate import attack_success_rate
 from .mesa import MesaConfig, train_mesa
+from .validate import num_classes
 
 __all__ = ["DetectionResult", "scan_classes"]
 
@@ -49,15 +50,13 @@ def scan_classes(
     replaced by one ``beta`` per class. Triggers are searched on ``search_data`` and their ASR
     is measured on ``eval_data``.
     """
-    device = next(classifier.parameters()).device
-    with torch.no_grad():
-        num_classes = classifier.eval()(search_data.images[:1].to(device)).shape[1]
-    cfg = replace(config, betas=(beta,) * num_classes, gammas=None)
-    sampler, _ = train_mesa(classifier, search_data, list(range(num_classes)), cfg, seed=seed,
+    n_classes = num_classes(classifier, search_data.images)
+    cfg = replace(config, betas=(beta,) * n_classes, gammas=None)
+    sampler, _ = train_mesa(classifier, search_data, list(range(n_classes)), cfg, seed=seed,
                             progress=progress)
     g = torch.Generator().manual_seed(seed)
     asr = []
-    for c in range(num_classes):
+    for c in range(n_classes):
         n = int((eval_data.labels != c).sum())
         trig = sampler.sample_step(c, n, generator=g)
         asr.append(attack_success_rate(classifier, eval_data, trig, c, seed=seed))

@@ -11,9 +11,8 @@ import torch.nn as nn
 
 from .data import ImageSet
 from .models import predict
-from .attack import check_target
 from .triggers import TriggerSampler, stamp
-from .validate import check_finite_weights, check_trigger
+from .validate import check_finite_weights, check_target, check_trigger, num_classes
 
 __all__ = ["clean_accuracy", "attack_success_rate", "evaluate_model"]
 
@@ -56,11 +55,7 @@ def attack_success_rate(
     """
     _check_inputs(model, data)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        was = model.training
-        num_classes = model.eval()(data.images[:1].to(device)).shape[1]
-        model.train(was)
-    target = check_target(target, num_classes)
+    target = check_target(target, num_classes(model, data.images))
     if isinstance(trigger, torch.Tensor):
         check_trigger(trigger, "trigger", channels=data.images.shape[1])
     keep = data.labels.to(device) != target

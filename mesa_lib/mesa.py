@@ -31,12 +31,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .attack import check_target
 from .common import seeded
 from .data import ImageSet
 from .mine import MINE
 from .triggers import stamp
-from .validate import check_images, finite_number, positive_int
+from .validate import check_images, check_target, finite_number, num_classes, positive_int
 
 __all__ = [
     "MesaConfig",
@@ -410,9 +409,9 @@ def train_mesa(
     check_images(images, "MESA's images")
     device = next(classifier.parameters()).device
     images = images.to(device)
-    num_classes = _num_classes(classifier, images)
+    n_classes = num_classes(classifier, images)
     many = isinstance(target, (list, tuple)) or (isinstance(target, torch.Tensor) and target.dim() > 0)
-    targets = [check_target(t, num_classes) for t in (target if many else [target])]
+    targets = [check_target(t, n_classes) for t in (target if many else [target])]
     if trigger_shape is None:
         trigger_shape = (images.shape[1], 3, 3)
     if len(trigger_shape) != 3 or trigger_shape[1] != trigger_shape[2]:
@@ -456,10 +455,3 @@ class frozen:
         self.model.train(self.training)
 
 
-def _num_classes(model: nn.Module, images: torch.Tensor) -> int:
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        n = model(images[:1]).shape[1]
-        model.train(was)
-    return n

@@ -29,11 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .attack import check_ratio, count_in_batch, check_target
+from .attack import check_ratio, count_in_batch
 from .data import ImageSet
 from .mesa import frozen
 from .models import BatchTransform, train_classifier
-from .validate import check_images, check_trigger, finite_number, positive_int
+from .validate import check_images, check_target, check_trigger, finite_number, num_classes, positive_int
 
 __all__ = [
     "NCConfig",
@@ -122,9 +122,8 @@ def reverse_engineer_masks(
     check_images(images, "Neural Cleanse images")
     device = next(classifier.parameters()).device
     images = images.to(device)
-    with torch.no_grad():
-        num_classes = classifier.eval()(images[:1]).shape[1]
-    classes = list(range(num_classes)) if classes is None else [check_target(c, num_classes) for c in classes]
+    n_classes = num_classes(classifier, images)
+    classes = list(range(n_classes)) if classes is None else [check_target(c, n_classes) for c in classes]
     K, B = len(classes), config.batch_size
     _, C, H, W = images.shape
     g = torch.Generator(device=device).manual_seed(seed)

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from .common import __version__, atomic_write_text, check_writable, code_fingerprint, git_state, seeded, thread_count
-from .attack import check_target, inject_backdoor
+from .attack import inject_backdoor
+from .validate import check_target
 from .baselines import reverse_engineer_trigger
 from .data import DatasetSplits, cache_dir, load_dataset
 from .defense import retrain

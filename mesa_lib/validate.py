@@ -13,7 +13,27 @@ import numbers
 
 import torch
 
-__all__ = ["positive_int", "finite_number", "check_images", "check_trigger", "check_finite_weights"]
+__all__ = ["positive_int", "finite_number", "check_images", "check_trigger", "check_finite_weights",
+           "check_target", "num_classes"]
+
+
+def check_target(target: int, num_classes: int) -> int:
+    """A class index as an ``int`` if it is an integer in ``0..num_classes-1``."""
+    if isinstance(target, bool) or not float(target).is_integer() or not 0 <= int(target) < num_classes:
+        raise ValueError(f"target class must be an integer in 0..{num_classes - 1}, got {target!r}")
+    return int(target)
+
+
+@torch.no_grad()
+def num_classes(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """The number of classes of a classifier, from one forward pass on the first image (moved
+    to the model's device), in eval mode; the model's train/eval mode is restored."""
+    was = model.training
+    model.eval()
+    try:
+        return int(model(images[:1].to(next(model.parameters()).device)).shape[1])
+    finally:
+        model.train(was)
 
 
 def positive_int(name: str, value: object) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mesa_lib.attack import check_target, inject_backdoor, poison_transform
+from mesa_lib.attack import inject_backdoor, poison_transform
+from mesa_lib.validate import check_target
 from mesa_lib.baselines import reverse_engineer_trigger
 from mesa_lib.data import ImageSet, load_dataset
 from mesa_lib.defense import retrain, stamp_transform
