@@ -763,12 +763,16 @@ def check_anomaly_index(fn: Callable, hidden: bool = False) -> Score:
 
 
 # =========================================================================== 12. retraining transform
+MARK = 1.0
+"""The retraining item's trigger value: white, where its test images are all darker than 0.5."""
+
+
 def _retrain_case(ratios: tuple[float, ...], check_random: bool = False, seed: int = 3) -> Callable:
     def case(fn: Callable) -> None:
         g0 = torch.Generator().manual_seed(seed)
-        x0 = torch.rand(50, 1, 12, 12, generator=g0)
+        x0 = 0.5 * torch.rand(50, 1, 12, 12, generator=g0)  # pixels below 0.5 ...
         y0 = torch.randint(0, 10, (50,), generator=g0)
-        mark = torch.full((1, 3, 3), 5.0)  # a value no image has
+        mark = torch.full((1, 3, 3), MARK)  # ... so the trigger's value 1 is one no image has
         sampler = FixedTrigger(mark)
         for ratio in ratios:
             x, y = x0.clone(), y0.clone()
@@ -793,15 +797,15 @@ def _retrain_case(ratios: tuple[float, ...], check_random: bool = False, seed: i
                             f"you changed {int(changed.sum())}")
             if k and not bool(changed[:k].all()):
                 raise Wrong("stamp the FIRST k images of the (already shuffled) batch")
-            n_mark = (xs[:k] == 5.0).flatten(1).sum(1)
+            n_mark = (xs[:k] == MARK).flatten(1).sum(1)
             if k and not bool((n_mark == mark.numel()).all()):
                 raise Wrong("each stamped image must hold one whole trigger drawn from the sampler "
                             "(use sampler.sample(k, generator=generator) and paste_at_random)")
-            if k and not torch.equal(torch.where(xs[:k] == 5.0, x0[:k], xs[:k]), x0[:k]):
+            if k and not torch.equal(torch.where(xs[:k] == MARK, x0[:k], xs[:k]), x0[:k]):
                 raise Wrong("pixels outside the trigger patch changed")
         if check_random:
             xs, _ = call(fn, x0.clone(), y0.clone(), sampler, 0.5, torch.Generator().manual_seed(5))
-            where = (xs[:25] == 5.0).flatten(1).float().argmax(1)
+            where = (xs[:25] == MARK).flatten(1).float().argmax(1)
             if len(torch.unique(where)) < 3:
                 raise Wrong("the triggers always land in the same place; stamp at a random location per "
                             "image (paste_at_random(images, triggers, generator))")
@@ -821,9 +825,10 @@ def check_retrain_transform(fn: Callable, hidden: bool = False) -> Score:
 
 # =========================================================================== 13. ASR
 class _RuleModel(nn.Module):
-    """A classifier with a known backdoor, for the ASR item: on flat images of brightness v it
-    predicts ``floor(v * K)``; a bright patch (> 1.5) flips images with v > ``cut`` to ``target``.
-    Both rules ignore where the patch is, so any random location gives the same ASR."""
+    """A classifier with a known backdoor, for the ASR item: on flat images of brightness v/2
+    (v in [0, 1)) it predicts ``floor(v * K)``; a bright patch (> 0.75, darker than any image
+    pixel can be) flips images with v > ``cut`` to ``target``. Both rules ignore where the patch
+    is, so any random location gives the same ASR."""
 
     def __init__(self, K: int, target: int, cut: float):
         super().__init__()
@@ -831,9 +836,9 @@ class _RuleModel(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))  # so next(model.parameters()) works
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = x.clamp(max=1.0).flatten(1).mean(1)
+        v = 2 * x.clamp(max=0.5).flatten(1).mean(1)
         clean = (v * self.K).long().clamp(0, self.K - 1)
-        fired = (x > 1.5).flatten(1).any(1) & (v > self.cut)
+        fired = (x > 0.75).flatten(1).any(1) & (v > self.cut)
         cls = torch.where(fired, torch.full_like(clean, self.target), clean)
         return nn.functional.one_hot(cls, self.K).float() * 10 + 0 * self.dummy
 
@@ -852,12 +857,12 @@ def _asr_case(seed: int, K: int, target: int, cut: float, n: int = 200) -> Calla
     def case(fn: Callable) -> None:
         g = torch.Generator().manual_seed(seed)
         v = torch.rand(n, generator=g)
-        images = v[:, None, None, None].expand(n, 1, 10, 10).clone()
+        images = 0.5 * v[:, None, None, None].expand(n, 1, 10, 10).clone()
         labels = (v * K).long().clamp(0, K - 1)
         flip = torch.rand(n, generator=g) < 0.15  # a few label errors, as in real data
         labels[flip] = torch.randint(0, K, (int(flip.sum()),), generator=g)
         model = _RuleModel(K, target, cut)
-        trigger = torch.full((1, 3, 3), 2.0)
+        trigger = torch.full((1, 3, 3), 1.0)  # white: a valid trigger, brighter than every image
         out = call(fn, model, images.clone(), labels.clone(), trigger, target, torch.Generator().manual_seed(1))
         if isinstance(out, torch.Tensor):
             if out.numel() != 1:
