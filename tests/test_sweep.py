@@ -162,19 +162,33 @@ def test_two_sweeps_on_one_file_cannot_both_run(fmnist_root, tmp_path):
 
 
 def test_two_sweep_processes_on_one_file(fmnist_root, tmp_path):
-    """A real second process: while one sweep holds the file, another one exits with the
-    lock message and the file gets exactly one line per pattern."""
+    """Across real processes: while another process holds the sweep's lock, a sweep process
+    exits with the lock message and writes nothing; once the holder is gone (it is killed, as
+    by a crash), the same command runs and writes one line per pattern."""
     out = tmp_path / "s.jsonl"
-    script = tmp_path / "sweep.py"
-    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), root=str(fmnist_root)))
-    first = subprocess.Popen([sys.executable, str(script)])
-    lock = tmp_path / "s.jsonl.lock"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (lock.is_file() and lock.read_text()):
-        time.sleep(0.02)
-    second = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
-    assert first.wait(timeout=600) == 0
-    assert second.returncode != 0 and "another sweep" in second.stderr
+    ready = tmp_path / "holding"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from mesa_lib.sweep import SweepLock
+        with SweepLock(Path({str(out)!r})):
+            Path({str(ready)!r}).write_text("yes")
+            time.sleep(600)
+        """)])
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ready.is_file():
+            time.sleep(0.02)
+        assert ready.is_file(), "the lock holder did not start"
+        script = tmp_path / "sweep.py"
+        script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), root=str(fmnist_root)))
+        second = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+        assert second.returncode != 0 and "another sweep" in second.stderr, second.stderr[-2000:]
+        assert not out.exists()
+    finally:
+        holder.kill()  # like kill -9: the OS releases the lock
+        holder.wait()
+    subprocess.run([sys.executable, str(script)], check=True, timeout=600)
     assert sorted(l["pattern"] for l in _lines(out)) == [0, 1, 3, 5, 7]
 
 
