@@ -406,7 +406,7 @@ def test_retrain_sampler_channels_must_match(clf, fake_fmnist_splits):
     (dict(alpha=float("inf")), "alpha must be a finite number"),
     (dict(gammas=(1.0, float("nan"), 1.0)), "gamma must be a finite number"),
     (dict(gammas=(1.0, float("inf"), 1.0)), "gamma must be a finite number"),
-    (dict(betas=(0.5, float("inf"))), r"beta must be in \(0, 1\]"),
+    (dict(betas=(0.5, float("inf"))), r"beta must be in \(0, 1\)"),
     (dict(lr=float("nan")), "lr must be a finite number"),
     (dict(mine_lr=0.0), "mine_lr must be > 0"),
     (dict(trigger_noise=float("inf")), "trigger_noise must be a finite number"),
