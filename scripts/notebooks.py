@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mesa_lib.common import atomic_write_text  # noqa: E402
 CACHE = ROOT / "_build" / ".jupyter_cache"
 TIMES = ROOT / "_build" / "notebook_times.json"
 DEFAULT_TIMEOUT_S = 1200
@@ -104,16 +106,13 @@ def execute(path: Path, cache_path: Path = CACHE, timeout: int | None = None) ->
 
 def _record_time(path: Path, seconds: float) -> None:
     path = Path(path).resolve()
-    TIMES.parent.mkdir(parents=True, exist_ok=True)
     try:
         times = json.loads(TIMES.read_text()) if TIMES.is_file() else {}
     except ValueError:
         times = {}
     times[path.relative_to(ROOT).as_posix()] = {"seconds": round(seconds, 1), "cores": os.cpu_count(),
                                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = TIMES.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(times, indent=1, sort_keys=True))
-    tmp.replace(TIMES)
+    atomic_write_text(TIMES, json.dumps(times, indent=1, sort_keys=True))
 
 
 def uncached(paths: list[Path], cache_path: Path = CACHE) -> list[Path]:
