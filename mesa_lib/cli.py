@@ -1,4 +1,4 @@
-"""Command line: ``python -m mesa_lib run|sweep|fetch-data|patterns``.
+"""Command line: ``python -m mesa_lib run|sweep|clean-controls|fetch-data|patterns``.
 
     python -m mesa_lib run --dataset fashion-mnist --pattern 170 --target 0 --preset fast --seed 0 --out results.json
 
@@ -65,20 +65,40 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def format_table(result: dict) -> str:
-    """A readable table of a pipeline result."""
-    rows = [("model", "clean acc", "ASR")]
+    """A readable table of a pipeline result: per model the clean accuracy, the attacker's
+    ASR and the residual valid set (patterns still firing), under each retraining protocol."""
+    protos = {p["name"]: p for p in result.get("protocols", [])}
+    head = protos.get("headline")
+    cols = ["clean acc", "ASR", "fires"]
+    if "second" in result:
+        cols += [f"ASR @{100 * result['second']['protocol']['ratio']:.0f}%", "fires"]
+    rows = [("model", *cols)]
+
+    def cells(entry: dict | None) -> list[str]:
+        if entry is None:
+            return ["", ""]
+        res = entry.get("residual")
+        return [f"{100 * entry['asr']:.1f}%", "" if res is None else str(res["fired"])]
+
     for key, label in (("clean", "clean"), ("backdoored", "backdoored"), ("mesa", "MESA defense"),
-                       ("point", "point defense"), ("nc", "Neural Cleanse defense"), ("oracle", "oracle defense")):
+                       ("point", "point defense (best start)"), ("nc", "Neural Cleanse defense"),
+                       ("random", "random patches (control)"), ("oracle", "oracle defense")):
         if key in result:
-            rows.append((label, f"{100 * result[key]['clean_acc']:.1f}%", f"{100 * result[key]['asr']:.1f}%"))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
+            row = [label, f"{100 * result[key]['clean_acc']:.1f}%", *cells(result[key])]
+            if "second" in result:
+                row += cells(result["second"].get(key)) if key not in ("clean", "backdoored") else ["", ""]
+            rows.append(tuple(row))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    if head:
+        lines.append(f"retraining: {100 * head['ratio']:g}% of each batch stamped, {head['epochs']:g} epochs, "
+                     f"lr {head['lr']:g} ({head['schedule']}); 'fires': patterns of all 512 with ASR >= 50%")
     det = result.get("detection")
     if det:
         asr = " ".join(f"{100 * a:.0f}" for a in det["per_class_asr"])
-        lines.append(f"detection: target {det['detected_target']} (anomaly index {det['anomaly_index']:.1f}); "
-                     f"per-class ASR % [{asr}]")
+        lines.append(f"detection: target {det['detected_target']} (anomaly index {det['anomaly_index']:.1f}"
+                     + (f", flagged {det['flagged']}" if "flagged" in det else "") + f"); per-class ASR % [{asr}]")
     sec = result.get("seconds", {})
     if sec:
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sec.items()))
@@ -142,6 +162,21 @@ def _preset_name(value: str) -> str:
 # ---------------------------------------------------------------- parser
 
 
+def _seed_list(spec: str) -> list[int]:
+    """Seeds from ``"0-9"`` or ``"0,3,5"``."""
+    try:
+        if "-" in spec.strip().lstrip("-"):
+            lo, hi = (int(v) for v in spec.split("-", 1))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be a range like 0-9 or a comma list like 0,1,2; got {spec!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds must name non-negative seeds, like 0-9; got {spec!r}")
+    return seeds
+
+
 def _shared_options() -> argparse.ArgumentParser:
     """Options common to ``run`` and ``sweep`` (one parent parser)."""
     from .data import DATASETS
@@ -192,6 +227,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="patterns run in parallel (processes or Ray tasks)")
     s.add_argument("--backend", default="local", choices=["local", "ray"])
     s.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
+    s.add_argument("--light", action="store_true", help="MESA, point starts and oracle at the headline "
+                   "protocol only (the book's extra seeds)")
+
+    c = sub.add_parser("clean-controls", parents=[shared], formatter_class=fmt, epilog=_EXIT_CODES,
+                       help="false-positive control: MESA's scan and Neural Cleanse on clean models of many seeds")
+    c.add_argument("--seeds", default="0-9", help="seeds of the clean models: a range 0-9 or a comma list")
+    c.add_argument("--out", default="results/clean_controls.json", help="JSON file with every scan and the rates")
+    c.add_argument("--workers", type=int, default=1, help="clean models scanned in parallel (processes)")
     from .zoo import add_cli as add_zoo_cli
 
     add_zoo_cli(sub)  # zoo, grade, zoo-reference
@@ -212,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     try:
-        if args.command in ("run", "sweep"):
+        if args.command in ("run", "sweep", "clean-controls"):
             check_out_path(args.out)  # before any data is loaded or model trained
         if args.command == "run":
             from .pipeline import run_pipeline
@@ -230,9 +273,16 @@ def main(argv: list[str] | None = None) -> int:
             lines = run_sweep(
                 dataset=args.dataset, patterns=args.patterns, preset=args.preset, out=args.out, seed=args.seed,
                 target=args.target, workers=args.workers, backend=args.backend, ray_address=args.ray_address,
-                root=args.data_root, device=args.device, progress=not args.quiet,
+                root=args.data_root, device=args.device, progress=not args.quiet, light=args.light,
             )
             print(f"{len(lines)} results in {args.out}")
+        elif args.command == "clean-controls":
+            from .sweep import run_clean_controls
+
+            res = run_clean_controls(dataset=args.dataset, seeds=_seed_list(args.seeds), preset=args.preset,
+                                     out=args.out, workers=args.workers, root=args.data_root, progress=not args.quiet)
+            print(f"{res['mesa_false_positives']} / {res['n']} clean models flagged by MESA's scan "
+                  f"({res['rule']}), {res['nc_false_positives']} / {res['n']} by Neural Cleanse; written to {args.out}")
         elif args.command == "fetch-data":
             from .data import fetch
 

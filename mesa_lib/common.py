@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 __all__ = [
+    "median",
     "__version__",
     "PACKAGE_DIR",
     "code_fingerprint",
@@ -150,3 +151,13 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def median(values: torch.Tensor) -> torch.Tensor:
+    """The median of a 1-D tensor as statistics defines it: for an even count, the mean of the
+    two middle values (``torch.median`` returns the lower one, which biases a MAD-based
+    anomaly index over 10 classes)."""
+    t = torch.as_tensor(values)
+    if t.numel() == 0:
+        raise ValueError("the median of no values is undefined")
+    return torch.quantile(t.double().flatten(), 0.5)

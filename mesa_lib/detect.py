@@ -13,12 +13,44 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
-from .data import ImageSet
+from .common import median
+from .data import ImageSet, split_test
 from .evaluate import attack_success_rate
 from .mesa import MesaConfig, train_mesa
 from .validate import num_classes
 
-__all__ = ["DetectionResult", "scan_classes"]
+__all__ = ["DetectionResult", "scan_classes", "anomaly_index_of_top", "is_flagged", "defender_halves",
+           "FLAG_ASR", "FLAG_INDEX", "RULE"]
+
+FLAG_ASR = 0.5
+"""A scan flags a backdoor only if its top class's triggers reach at least this ASR ..."""
+FLAG_INDEX = 2.0
+"""... and that ASR stands more than this many robust standard deviations above the rest."""
+RULE = f"top-class ASR >= {FLAG_ASR:.0%} and anomaly index > {FLAG_INDEX:g}"
+"""The one decision rule of the book (chapters 7 and 9, the sweep, the clean-model control)."""
+
+
+def is_flagged(per_class_asr, anomaly_index: float) -> bool:
+    """The book's decision rule (:data:`RULE`) on a scan's numbers."""
+    return bool(max(per_class_asr) >= FLAG_ASR and anomaly_index > FLAG_INDEX)
+
+
+def anomaly_index_of_top(asr) -> tuple[int, float]:
+    """The class with the highest ASR and its anomaly index
+    ``(asr[top] - median) / max(1.4826 * MAD, 1e-3)`` (MAD: the median absolute deviation;
+    medians of an even count are the mean of the two middle values)."""
+    a = torch.as_tensor(asr, dtype=torch.float64).flatten()
+    top = int(a.argmax())
+    med = median(a)
+    mad = median((a - med).abs()) * 1.4826
+    return top, float((a[top] - med) / mad.clamp(min=1e-3))
+
+
+def defender_halves(data: ImageSet, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """The defender's modelling split cut into a search part (75%) and a held-out check part
+    (25%, seeded): triggers are searched on the first and scored on the second, so that no
+    defender's choice ever looks at the evaluation split."""
+    return split_test(data, 0.75, seed=seed)
 
 
 @dataclass
@@ -29,10 +61,15 @@ class DetectionResult:
     """The class with the highest ASR."""
     anomaly_index: float
     """How far the top ASR stands above the others, in robust standard deviations
-    (median absolute deviation x 1.4826, as Neural Cleanse); > 2 flags a backdoor."""
+    (median absolute deviation x 1.4826, as Neural Cleanse)."""
+
+    @property
+    def flagged(self) -> bool:
+        """Whether the book's decision rule (:data:`RULE`) calls the model backdoored."""
+        return is_flagged(self.per_class_asr, self.anomaly_index)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "flagged": self.flagged}
 
 
 def scan_classes(
@@ -60,9 +97,5 @@ def scan_classes(
         n = int((eval_data.labels != c).sum())
         trig = sampler.sample_step(c, n, generator=g)
         asr.append(attack_success_rate(classifier, eval_data, trig, c, seed=seed))
-    a = torch.tensor(asr)
-    top = int(a.argmax())
-    med = a.median()
-    mad = (a - med).abs().median() * 1.4826
-    index = float((a[top] - med) / mad.clamp(min=1e-3))
+    top, index = anomaly_index_of_top(asr)
     return DetectionResult(per_class_asr=asr, detected_target=top, anomaly_index=index)

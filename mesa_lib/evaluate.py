@@ -6,15 +6,34 @@ the model classifies as the target once a trigger is pasted at a random location
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
 from .data import ImageSet
 from .models import predict
-from .triggers import TriggerSampler, stamp
-from .validate import check_finite_weights, check_target, check_trigger, num_classes
+from .triggers import NUM_PATTERNS, TriggerSampler, patterns_tensor, stamp
+from .validate import check_finite_weights, check_target, check_trigger, num_classes, positive_int
 
-__all__ = ["clean_accuracy", "attack_success_rate", "evaluate_model"]
+__all__ = [
+    "clean_accuracy",
+    "attack_success_rate",
+    "target_recall",
+    "evaluate_model",
+    "asr_per_trigger",
+    "residual_valid_set",
+    "residual_summary",
+    "FIRE_THRESHOLD",
+    "RESIDUAL_IMAGES",
+]
+
+FIRE_THRESHOLD = 0.5
+"""A pattern *fires* (is in the valid set) when its ASR is at least this."""
+
+RESIDUAL_IMAGES = 32
+"""Non-target evaluation images per pattern in :func:`residual_valid_set` (512 x 32 = 16,384
+stamped images: one batched pass of about 2 s on one CPU core; an ASR to 1/32)."""
 
 
 def _check_inputs(model: nn.Module, data: ImageSet) -> None:
@@ -71,9 +90,70 @@ def attack_success_rate(
     return (predict(model, stamped) == target).float().mean().item()
 
 
+def target_recall(model: nn.Module, data: ImageSet, target: int) -> float:
+    """Fraction of the untouched images *of the target class* classified as the target: a
+    defense that merely suppresses the target class shows here (its ASR would look perfect)."""
+    _check_inputs(model, data)
+    device = next(model.parameters()).device
+    mine = data.labels.to(device) == check_target(target, num_classes(model, data.images))
+    if not bool(mine.any()):
+        raise ValueError(f"no image of the target class {target} in the data: its recall is undefined")
+    return (predict(model, data.images.to(device)[mine]) == target).float().mean().item()
+
+
 def evaluate_model(model: nn.Module, data: ImageSet, trigger: torch.Tensor, target: int, seed: int = 0) -> dict:
-    """``{"clean_acc": .., "asr": ..}`` for the original trigger on ``data``."""
+    """``{"clean_acc", "asr", "target_recall"}`` for the original trigger on ``data`` (the
+    recall is None when ``data`` holds no image of the target class)."""
+    has_target = bool((data.labels == target).any()) if isinstance(data, ImageSet) else False
     return {
         "clean_acc": clean_accuracy(model, data),
         "asr": attack_success_rate(model, data, trigger, target, seed=seed),
+        "target_recall": target_recall(model, data, target) if has_target else None,
+    }
+
+
+def asr_per_trigger(model: nn.Module, images: torch.Tensor, triggers: torch.Tensor, target: int,
+                    seed: int = 0, batch_size: int = 4096) -> torch.Tensor:
+    """The ASR of each of ``T`` triggers ``[T, C, p, p]`` on the same (non-target) images
+    ``[n, C, H, W]``, as a tensor ``[T]`` on the model's device: all ``T x n`` stamped images
+    in one batched pass (random locations, seeded)."""
+    if images.dim() != 4 or len(images) == 0:
+        raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got shape {tuple(images.shape)}")
+    device = next(model.parameters()).device
+    images = images.to(device)
+    T, n = len(triggers), len(images)
+    g = torch.Generator(device=device).manual_seed(seed)
+    per_image = triggers.to(device).repeat_interleave(n, dim=0)
+    stamped = stamp(images.repeat(T, 1, 1, 1), per_image, generator=g)
+    hits = predict(model, stamped, batch_size=batch_size) == target
+    return hits.float().reshape(T, n).mean(1)
+
+
+def residual_valid_set(model: nn.Module, data: ImageSet, target: int, n_images: int = RESIDUAL_IMAGES,
+                       seed: int = 0) -> torch.Tensor:
+    """The ASR ``[512]`` of every binary 3x3 pattern (id order) on ``n_images`` non-target
+    images of ``data`` (the first ones of a seeded permutation): the whole valid set, not only
+    the attacker's trigger. After a defense, the patterns that still fire are what it left."""
+    _check_inputs(model, data)
+    n_images = positive_int("n_images", n_images)
+    target = check_target(target, num_classes(model, data.images))
+    keep = torch.nonzero(data.labels.cpu() != target).flatten()
+    order = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))][:n_images]
+    images = data.images[order.to(data.images.device)]
+    pats = patterns_tensor(range(NUM_PATTERNS)).expand(-1, images.shape[1], -1, -1)
+    # a channels-last copy runs these 512 x n convolutions about 1.7x faster on a CPU
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return asr_per_trigger(fast, images, pats, target, seed=seed)
+
+
+def residual_summary(asr: torch.Tensor, fired_before: torch.Tensor | list[int]) -> dict:
+    """What a model leaves of the valid set: ``fired`` (patterns with ASR >= 50%),
+    ``mean_fired_before`` (mean ASR over the patterns that fired on the backdoored model) and
+    ``max`` (the largest ASR of any pattern)."""
+    asr = torch.as_tensor(asr, dtype=torch.float32).cpu()
+    idx = torch.as_tensor(fired_before, dtype=torch.long).cpu()
+    return {
+        "fired": int((asr >= FIRE_THRESHOLD).sum()),
+        "mean_fired_before": float(asr[idx].mean()) if len(idx) else 0.0,
+        "max": float(asr.max()),
     }

@@ -329,7 +329,7 @@ class StaircaseTrainer:
         x = torch.stack([gen(z[i]) for i, gen in enumerate(gens)])  # [M, B, *shape]
         f = self.score_fn(x.reshape(M * B, *self.sampler.trigger_shape), self.component)  # one classifier pass
         hinge = torch.minimum(f, self.beta_per).reshape(M, B).mean(1)  # [M]: mean(min(f, beta_i))
-        mi = torch.stack([mines[i](z[i], x[i], z_marg[i])[0] for i in range(M)])  # [M]: I(z; G_i(z))
+        mi = torch.stack([mines[i].estimate(z[i], x[i], z_marg[i]) for i in range(M)])  # [M]: I(z; G_i(z))
         loss_g = -(hinge + cfg.alpha * mi).sum()
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()

@@ -77,6 +77,12 @@ class MINE(nn.Module):
         self.max_excess = max_batch_excess(ma_rate)
         self.register_buffer("log_ma", torch.tensor(float("nan")))
 
+    def estimate(self, z: torch.Tensor, x: torch.Tensor, z_marginal: torch.Tensor) -> torch.Tensor:
+        """The DV estimate alone (differentiable in ``x``), leaving the moving average as it
+        is: the generator's pass uses this, so the average is updated once per training step
+        (by :meth:`forward`, in T's own pass), as the authors do."""
+        return dv_bound(self.T(z, x), self.T(z_marginal, x))
+
     def forward(self, z: torch.Tensor, x: torch.Tensor, z_marginal: torch.Tensor):
         t_joint = self.T(z, x)
         t_marg = self.T(z_marginal, x)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attack import check_ratio, count_in_batch
+from .common import median
 from .data import ImageSet
 from .mesa import frozen
 from .models import BatchTransform, train_classifier
@@ -152,8 +153,8 @@ def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
     norms = torch.as_tensor(norms, dtype=torch.float64)
     if norms.dim() != 1 or len(norms) < 3:
         raise ValueError(f"anomaly index needs a 1-D tensor of >= 3 norms, got shape {tuple(norms.shape)}")
-    med = norms.median()
-    mad = 1.4826 * (norms - med).abs().median()
+    med = median(norms)
+    mad = 1.4826 * median((norms - med).abs())
     return (norms - med).abs() / mad.clamp(min=1e-6 * float(med.abs()) + 1e-12)
 
 
@@ -178,7 +179,7 @@ def detect_backdoor(reversed_: ReversedTriggers, threshold: float = 2.0) -> NCDe
     """Neural Cleanse's decision from the reversed masks."""
     norms = reversed_.l1_norms.double().cpu()
     idx = anomaly_index(norms)
-    small = norms <= norms.median()
+    small = norms <= median(norms)
     flagged = [int(c) for c in torch.nonzero(small & (idx > threshold)).flatten()]
     detected = int(torch.where(small, idx, torch.full_like(idx, -1.0)).argmax())
     return NCDetection(norms.tolist(), idx.tolist(), flagged, detected, reversed_.attack_rate.cpu().tolist())
@@ -212,6 +213,7 @@ def unlearn(
     momentum: float = 0.9,
     seed: int = 0,
     progress: bool = True,
+    schedule: str = "constant",
 ) -> nn.Module:
     """NC mitigation: fine-tune a copy of ``model`` on ``data`` where a fraction ``ratio`` of
     each batch carries the reversed trigger (``mask`` ``[1, H, W]``, ``pattern`` ``[C, H, W]``)
@@ -229,4 +231,4 @@ def unlearn(
     model = copy.deepcopy(model)
     return train_classifier(model, data, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
                             batch_transform=blend_transform(mask, pattern, ratio), seed=seed,
-                            desc="NC unlearning", progress=progress)
+                            desc="NC unlearning", progress=progress, schedule=schedule)

@@ -1,11 +1,18 @@
 """The whole story of the paper in one call: clean model -> backdoor -> detection -> MESA ->
-defense (MESA vs the single-point baseline, optionally the oracle) -> evaluation.
+defense (MESA vs the point baseline, optionally the oracle and a random-patch control, under
+each retraining protocol) -> evaluation.
 
 :func:`run_pipeline` returns (and writes, stage by stage, to ``out``) a JSON-able dict::
 
-    {"clean": {"clean_acc", "asr"}, "backdoored": {...}, "mesa": {...}, "point": {...},
-     "detection": {"per_class_asr": [...], "detected_target", "anomaly_index"},
+    {"clean": {...}, "backdoored": {..., "fired_patterns": [...]},
+     "detection": {"per_class_asr", "detected_target", "anomaly_index", "flagged"},
+     "defended_target", "target_detected", "mesa_search": {...}, "point_search": {...},
+     "mesa": {...}, "point": {...}, "point_starts": [...], "oracle": {...}, "random": {...},
+     "second": {"protocol": {...}, "mesa": {...}, ...},
      "seconds": {<stage>: s, "total": s}, "config": {...}, "status": "complete"}
+
+where each model's entry is ``{"clean_acc", "asr", "target_recall", "residual": {"fired",
+"mean_fired_before", "max"}}``.
 
 All fractions are measured on the 20% evaluation split, which no stage trains on. Trained
 classifiers are cached (safetensors) under the cache directory, keyed by everything that
@@ -29,15 +36,16 @@ import torch.nn as nn
 from .common import __version__, atomic_write_text, check_writable, code_fingerprint, git_state, seeded, thread_count
 from .attack import inject_backdoor
 from .validate import check_target
-from .baselines import reverse_engineer_trigger
+from .baselines import reverse_engineer_triggers
 from .data import DatasetSplits, cache_dir, load_dataset
 from .defense import retrain
-from .detect import scan_classes
-from .evaluate import evaluate_model
+from .detect import defender_halves, scan_classes
+from .evaluate import FIRE_THRESHOLD, asr_per_trigger, evaluate_model, residual_summary, residual_valid_set
 from .mesa import train_mesa
 from .models import build_model, load_weights, save_weights, train_classifier
 from .presets import Preset, get_preset
-from .triggers import FixedTrigger, pattern_from_id, pattern_id, random_color_triggers, trigger_from_pattern
+from .triggers import (FixedTrigger, UniformNoiseTrigger, pattern_from_id, pattern_id, random_color_triggers,
+                       trigger_from_pattern)
 
 __all__ = [
     "pick_device",
@@ -49,6 +57,10 @@ __all__ = [
     "state_fingerprint",
     "run_pipeline",
     "write_json",
+    "Protocol",
+    "protocols",
+    "StageContext",
+    "MI_WARN",
 ]
 
 
@@ -199,6 +211,65 @@ def _timed(seconds: dict, stage: str, device: torch.device) -> Iterator[None]:
     seconds[stage] = round(time.perf_counter() - t, 3)
 
 
+MI_WARN = 0.05
+"""A sub-model whose final MI estimate is at most this (nats) has collapsed to (nearly) one
+trigger; the pipeline warns and records it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """One retraining protocol: the stamped share of each batch, epochs, rate and schedule."""
+
+    name: str
+    ratio: float
+    epochs: float
+    lr: float
+    schedule: str = "constant"
+
+
+def protocols(preset: Preset) -> list[Protocol]:
+    """The preset's retraining protocols: the headline one (the paper's 1% ratio on ``fast``)
+    and, when ``second_ratio`` is set, the second one."""
+    out = [Protocol("headline", preset.defense_ratio, preset.defense_epochs, preset.defense_lr,
+                    preset.defense_schedule)]
+    if preset.second_ratio is not None:
+        out.append(Protocol("second", preset.second_ratio, preset.second_epochs, preset.second_lr,
+                            preset.second_schedule))
+    return out
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What an extra pipeline stage (``run_pipeline(extra_stages=...)``) gets: the models and
+    data, the TRUE trigger and target (for measuring only), the DETECTED target (what a
+    defender acts on), the defender's search/check halves of the modelling split, and
+    :meth:`evaluate` to measure a defended model exactly as the built-in arms are."""
+
+    backdoored: nn.Module
+    splits: DatasetSplits
+    trigger: torch.Tensor
+    target: int
+    defended_target: int
+    search: object
+    check: object
+    preset: Preset
+    seed: int
+    progress: bool
+    fired: list
+
+    def evaluate(self, model: nn.Module) -> dict:
+        return _evaluate_arm(model, self.splits, self.trigger, self.target, self.seed, self.fired)
+
+
+def _evaluate_arm(model: nn.Module, splits: DatasetSplits, trigger: torch.Tensor, target: int, seed: int,
+                  fired: list) -> dict:
+    """Clean accuracy, the attacker's ASR and the target's recall on the evaluation split, and
+    what is left of the valid set (all 512 patterns)."""
+    res = evaluate_model(model, splits.eval, trigger, target, seed=seed)
+    res["residual"] = residual_summary(residual_valid_set(model, splits.eval, target, seed=seed), fired)
+    return res
+
+
 def run_pipeline(
     dataset: str = "fashion-mnist",
     pattern: int = 170,
@@ -213,16 +284,27 @@ def run_pipeline(
     color_seed: int | None = None,
     progress: bool = True,
     splits: DatasetSplits | None = None,
-    extra_stages: dict[str, Callable[..., dict]] | None = None,
+    extra_stages: dict[str, Callable[[StageContext], dict]] | None = None,
+    controls: bool = False,
 ) -> dict:
     """Run the whole pipeline once and return its results (also written to ``out``).
 
+    Detect, then defend: the target class is found by MESA's scan, searched on 75% of the
+    modelling split and scored on the held-out 25% (:func:`~mesa_lib.detect.defender_halves`);
+    MESA and the point baseline then model the DETECTED target (``defended_target``; the
+    line records whether it is the true one). The point baseline runs ``preset.point_starts``
+    random starts; its best start (highest ASR on the held-out check part) is the ``point``
+    arm, every start's result is in ``point_starts``. Every arm is retrained under each of the
+    preset's :func:`protocols` (the headline one at top level, the second under
+    ``"second"``) and measured on the evaluation split: clean accuracy, the attacker's ASR,
+    the target's recall and the residual valid set (:func:`~mesa_lib.evaluate.residual_valid_set`).
+
     ``use_cache`` reuses trained clean/backdoored classifiers from the cache directory;
-    ``oracle`` adds a defense with the true trigger; ``color_seed`` uses a random colour
-    trigger instead of a pattern (CIFAR-100 style). ``extra_stages`` maps a stage name to
-    ``fn(backdoored=, splits=, trigger=, target=, preset=, seed=, progress=) -> dict``, run
-    after the defenses (timed as that stage); its dict is merged into the result (the sweep
-    adds Neural Cleanse this way).
+    ``oracle`` adds the defense with the true trigger; ``controls`` adds retraining against
+    uniform-noise patches (``random``); ``color_seed`` uses a random colour trigger instead
+    of a pattern (CIFAR-100 style). ``extra_stages`` maps a stage name to
+    ``fn(ctx: StageContext) -> dict``, run after the defenses (timed as that stage); its dict
+    is merged into the result (the sweep adds Neural Cleanse this way).
     """
     preset = get_preset(preset)
     if color_seed is None:
@@ -237,43 +319,94 @@ def run_pipeline(
     check_target(target, splits.num_classes)
     trigger = make_trigger(splits, pattern, color_seed).to(run.device)
     run.result["config"] = run_config(splits, preset, pattern, color_seed, trigger, target, seed, run.device)
+    res = run.result
 
     with run.stage("clean_training", save=True):
         clean = get_clean_model(splits, preset, seed, use_cache=use_cache, progress=progress)
-    run.result["clean"] = evaluate_model(clean, splits.eval, trigger, target, seed=seed)
+    res["clean"] = evaluate_model(clean, splits.eval, trigger, target, seed=seed)
 
     with run.stage("attack", save=True):
         backdoored = get_backdoored_model(clean, splits, trigger, target, preset, seed, use_cache=use_cache,
                                           progress=progress)
-    run.result["backdoored"] = evaluate_model(backdoored, splits.eval, trigger, target, seed=seed)
+    with run.stage("residual_backdoored"):
+        valid = residual_valid_set(backdoored, splits.eval, target, seed=seed)
+        fired = torch.nonzero(valid.cpu() >= FIRE_THRESHOLD).flatten().tolist()
+        res["backdoored"] = {**evaluate_model(backdoored, splits.eval, trigger, target, seed=seed),
+                             "residual": residual_summary(valid, fired), "fired_patterns": fired}
+        res["clean"]["residual"] = residual_summary(residual_valid_set(clean, splits.eval, target, seed=seed), fired)
 
+    search, check = defender_halves(splits.model, seed)
     with run.stage("detection", save=True):
-        run.result["detection"] = _detect(backdoored, splits, preset, seed, progress)
+        res["detection"] = _detect(backdoored, search, check, preset, seed, progress)
+    defended = res["detection"]["detected_target"]
+    res["defended_target"] = defended
+    res["target_detected"] = defended == target
 
     with run.stage("mesa", save=True):
-        sampler, history = train_mesa(backdoored, splits.model, target, preset.mesa, seed=seed, progress=progress)
-        run.result["mesa_search"] = {f"final_{k}": (history[k][-1] if history[k] else None)
-                                     for k in ("f_mean", "valid_frac", "mi")}
+        sampler, history = train_mesa(backdoored, splits.model, defended, preset.mesa, seed=seed, progress=progress)
+        res["mesa_search"] = {f"final_{k}": (history[k][-1] if history[k] else None)
+                              for k in ("f_mean", "valid_frac", "mi")}
+        res["mesa_search"]["low_mi"] = _low_mi(res["mesa_search"]["final_mi"], pattern)
 
     with run.stage("point_search", save=True):
-        point = reverse_engineer_trigger(backdoored, splits.model, target, steps=preset.point_steps,
-                                         lr=preset.point_lr, seed=seed, progress=progress)
-        run.result["point_trigger"] = point.cpu().tolist()
+        res["point_search"] = _point_search(backdoored, search, check, defended, preset, seed, progress)
+    points = torch.tensor(res["point_search"]["triggers"], device=run.device)
+    best = res["point_search"]["best"]
 
-    defenses = {"mesa": sampler, "point": FixedTrigger(point)}
+    arms: dict = {"mesa": sampler}
     if oracle:
-        defenses["oracle"] = FixedTrigger(trigger)
-    for name, smp in defenses.items():
-        with run.stage(f"defense_{name}", save=True):
-            fixed = _defend(backdoored, splits, smp, preset, seed, progress)
-            run.result[name] = evaluate_model(fixed, splits.eval, trigger, target, seed=seed)
+        arms["oracle"] = FixedTrigger(trigger)
+    if controls:
+        arms["random"] = UniformNoiseTrigger(splits.channels, device=run.device)
+    for proto in protocols(preset):
+        into = res if proto.name == "headline" else res.setdefault("second", {"protocol": dataclasses.asdict(proto)})
+        suffix = "" if proto.name == "headline" else "_second"
+        for name, smp in arms.items():
+            with run.stage(f"defense_{name}{suffix}", save=True):
+                fixed = _defend(backdoored, splits, smp, proto, preset, seed, progress)
+                into[name] = _evaluate_arm(fixed, splits, trigger, target, seed, fired)
+        with run.stage(f"defense_point{suffix}", save=True):
+            # every start under the headline protocol (worst, median and best-of-k);
+            # the selected start alone under the second one
+            starts = range(len(points)) if proto.name == "headline" else [best]
+            done = [_evaluate_arm(_defend(backdoored, splits, FixedTrigger(points[i]), proto, preset, seed, progress),
+                                  splits, trigger, target, seed, fired) for i in starts]
+            if proto.name == "headline":
+                into["point_starts"] = done
+                into["point"] = done[best]
+            else:
+                into["point"] = done[0]
+    res["protocols"] = [dataclasses.asdict(p) for p in protocols(preset)]
 
+    ctx = StageContext(backdoored, splits, trigger, target, defended, search, check, preset, seed, progress, fired)
     for name, fn in (extra_stages or {}).items():
         with run.stage(name, save=True):
-            run.result.update(fn(backdoored=backdoored, splits=splits, trigger=trigger, target=target,
-                                 preset=preset, seed=seed, progress=progress))
+            res.update(fn(ctx))
 
     return run.finish()
+
+
+def _low_mi(final_mi: list | None, pattern: int) -> list[int]:
+    """Sub-models whose final MI estimate is <= :data:`MI_WARN`, with a warning."""
+    low = [i for i, v in enumerate(final_mi or []) if v is not None and v <= MI_WARN]
+    if low:
+        warnings.warn(f"pattern {pattern}: MESA sub-model(s) {low} ended with an MI estimate <= {MI_WARN} nats: "
+                      "they collapsed to (nearly) one trigger; a longer search or a larger alpha spreads them",
+                      stacklevel=3)
+    return low
+
+
+def _point_search(backdoored: nn.Module, search, check, target: int, preset: Preset, seed: int,
+                  progress: bool) -> dict:
+    """The point baseline's starts, searched on the search half and scored (ASR toward the
+    detected target) on the held-out check half; the best start is chosen there."""
+    pts = reverse_engineer_triggers(backdoored, search, target, n_triggers=preset.point_starts,
+                                    steps=preset.point_steps, lr=preset.point_lr, batch_size=preset.point_batch,
+                                    seed=seed, progress=progress)
+    non_target = check.images[check.labels != target]
+    check_asr = asr_per_trigger(backdoored, non_target, pts, target, seed=seed).cpu()
+    return {"triggers": pts.cpu().tolist(), "check_asr": check_asr.tolist(), "best": int(check_asr.argmax()),
+            "budget": {"starts": preset.point_starts, "steps": preset.point_steps, "batch": preset.point_batch}}
 
 
 class _Run:
@@ -320,16 +453,17 @@ def run_config(splits: DatasetSplits, preset: Preset, pattern: int, color_seed: 
     }
 
 
-def _detect(backdoored: nn.Module, splits: DatasetSplits, preset: Preset, seed: int, progress: bool) -> dict:
-    """The target-class scan with the preset's detection settings."""
+def _detect(backdoored: nn.Module, search, check, preset: Preset, seed: int, progress: bool) -> dict:
+    """The target-class scan with the preset's detection settings: triggers searched on the
+    defender's search half, their ASR scored on the held-out check half; the result carries
+    the book's decision (``flagged``, :data:`~mesa_lib.detect.RULE`)."""
     det_cfg = dataclasses.replace(preset.mesa, steps=preset.detect_steps, batch_size=preset.detect_batch)
-    return scan_classes(backdoored, splits.model, splits.eval, det_cfg, beta=preset.detect_beta,
+    return scan_classes(backdoored, search, check, det_cfg, beta=preset.detect_beta,
                         seed=seed, progress=progress).to_dict()
 
 
-def _defend(backdoored: nn.Module, splits: DatasetSplits, sampler, preset: Preset, seed: int,
+def _defend(backdoored: nn.Module, splits: DatasetSplits, sampler, proto: Protocol, preset: Preset, seed: int,
             progress: bool) -> nn.Module:
-    """Retrain a copy of the backdoored model with the preset's defense settings."""
-    return retrain(backdoored, splits.model, sampler, ratio=preset.defense_ratio, epochs=preset.defense_epochs,
-                   lr=preset.defense_lr, batch_size=preset.batch_size, seed=seed + 2, progress=progress)
-
+    """Retrain a copy of the backdoored model on the modelling split under one protocol."""
+    return retrain(backdoored, splits.model, sampler, ratio=proto.ratio, epochs=proto.epochs, lr=proto.lr,
+                   batch_size=preset.batch_size, seed=seed + 2, progress=progress, schedule=proto.schedule)

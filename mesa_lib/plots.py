@@ -31,7 +31,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
-from .triggers import NUM_PATTERNS, canonical_patterns
+from .triggers import NUM_PATTERNS, canonical_patterns, patterns_tensor
 
 __all__ = [
     "show_images",
@@ -108,18 +108,6 @@ def show_images(
             ax.text(padding + c * (w + padding) + w / 2, padding + r * (h + band + padding) + band / 2, str(t),
                     ha="center", va="center", fontsize=title_size)
     return ax
-
-
-def patterns_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """The binary 3x3 patterns of 9-bit ids as a ``[N, 1, 3, 3]`` tensor, in one tensor op
-    (pixels read row by row, first pixel = most significant bit, 1 = white)."""
-    t = torch.as_tensor(ids)
-    if t.dim() != 1 or len(t) == 0 or t.is_floating_point() or t.dtype == torch.bool:
-        raise ValueError(f"ids must be a non-empty 1-D sequence of integer pattern ids, got {ids!r}")
-    if bool(((t < 0) | (t >= NUM_PATTERNS)).any()):
-        raise ValueError(f"pattern ids must be in 0..{NUM_PATTERNS - 1} (9-bit numbers), got {t.tolist()}")
-    shifts = torch.arange(8, -1, -1, device=t.device)
-    return ((t.long()[:, None] >> shifts) & 1).float().reshape(-1, 1, 3, 3)
 
 
 def show_triggers(

@@ -2,14 +2,11 @@
 
 For each 3x3 pattern (Fashion-MNIST / CIFAR-10: the 51 canonical patterns, target class 0)
 or each seeded random colour trigger (CIFAR-100: 10 triggers with seeded random targets) the
-sweep runs :func:`~mesa_lib.pipeline.run_pipeline` -- attack, detection, MESA defense,
-single-point baseline defense, oracle defense -- plus Neural Cleanse (detection and
-unlearning, :mod:`mesa_lib.neural_cleanse`), and appends one JSON line to the output file as
-soon as that trigger is done::
-
-    {"pattern": 170, "clean": {...}, "backdoored": {...}, "mesa": {...}, "point": {...},
-     "nc": {...}, "oracle": {...}, "detection": {...}, "nc_detection": {...},
-     "seconds": {...}, "config": {...}, ...}
+sweep runs :func:`~mesa_lib.pipeline.run_pipeline` -- attack, detection on the defender's
+held-out check half, MESA, the point baseline's starts, the oracle and the random-patch
+control, each retrained under both protocols -- plus Neural Cleanse
+(:mod:`mesa_lib.neural_cleanse`), and appends one JSON line to the output file as soon as
+that trigger is done (see :mod:`mesa_lib.pipeline` for the line's keys).
 
 The file is the state of the sweep. Restarted with the same arguments it skips the triggers
 already in it, so an interrupted sweep (Ctrl-C, ``kill -9``, a lost machine) loses at most
@@ -40,8 +37,9 @@ import torch
 from .data import DatasetSplits, load_dataset
 from .evaluate import evaluate_model
 from .neural_cleanse import NCConfig, detect_backdoor, reverse_engineer_masks, unlearn
-from .common import check_writable, code_fingerprint, git_state, torch_threads
-from .pipeline import get_clean_model, pick_device, run_pipeline, write_json
+from .common import check_writable, code_fingerprint, git_state, median, torch_threads
+from .detect import RULE
+from .pipeline import StageContext, get_clean_model, pick_device, protocols, run_pipeline, write_json
 from .presets import Preset, get_preset
 from .triggers import canonical_patterns, pattern_from_id
 
@@ -59,8 +57,14 @@ __all__ = [
     "SweepLock",
     "RESUME_KEYS",
     "METHODS",
+    "ARMS",
     "load_sweep",
+    "arm_result",
     "summarize",
+    "bootstrap_ci",
+    "sign_test",
+    "control_line",
+    "run_clean_controls",
 ]
 
 NUM_COLOR_TRIGGERS = 10
@@ -127,19 +131,26 @@ def sweep_tasks(dataset: str, patterns: str | Iterable[int] | None = "all", seed
 
 def nc_stage(config: NCConfig):
     """A pipeline stage (see ``run_pipeline(extra_stages=...)``) running Neural Cleanse:
-    reverse-engineer a mask + pattern per class on the modelling split, detect with the MAD
-    anomaly index, then unlearn the reversed trigger of the attacked class with the same
-    ratio, epochs and learning rate as MESA's defense. Adds ``nc`` and ``nc_detection``."""
+    reverse-engineer a mask + pattern per class on the defender's search half, detect with
+    the MAD anomaly index, then unlearn the reversed trigger of the class NC itself detected,
+    under every retraining protocol of the preset (the same ratio, epochs and rate as MESA's
+    defense). Adds ``nc``, ``second.nc`` and ``nc_detection``."""
 
-    def stage(backdoored, splits: DatasetSplits, trigger, target: int, preset: Preset, seed: int,
-              progress: bool) -> dict:
-        rev = reverse_engineer_masks(backdoored, splits.model, config, seed=seed, progress=progress)
+    def stage(ctx: StageContext) -> dict:
+        rev = reverse_engineer_masks(ctx.backdoored, ctx.search, config, seed=ctx.seed, progress=ctx.progress)
         det = detect_backdoor(rev).to_dict()
-        det["mitigated_class"] = target
-        fixed = unlearn(backdoored, splits.model, rev.masks[target], rev.patterns[target],
-                        ratio=preset.defense_ratio, epochs=preset.defense_epochs, lr=preset.defense_lr,
-                        batch_size=preset.batch_size, seed=seed + 2, progress=progress)
-        return {"nc_detection": det, "nc": evaluate_model(fixed, splits.eval, trigger, target, seed=seed)}
+        cls = det["detected_target"]
+        det["mitigated_class"] = cls
+        out: dict = {"nc_detection": det}
+        for proto in protocols(ctx.preset):
+            fixed = unlearn(ctx.backdoored, ctx.splits.model, rev.masks[cls], rev.patterns[cls], ratio=proto.ratio,
+                            epochs=proto.epochs, lr=proto.lr, batch_size=ctx.preset.batch_size, seed=ctx.seed + 2,
+                            progress=ctx.progress, schedule=proto.schedule)
+            if proto.name == "headline":
+                out["nc"] = ctx.evaluate(fixed)
+            else:
+                out["nc_second"] = ctx.evaluate(fixed)
+        return out
 
     return stage
 
@@ -149,15 +160,22 @@ def _nc_config(preset: Preset, nc: NCConfig | None) -> NCConfig:
 
 
 def run_task(task: SweepTask, splits: DatasetSplits, preset: Preset | str = "fast", seed: int = 0,
-             nc: NCConfig | None = None, progress: bool = False) -> dict:
-    """One line of the sweep: the pipeline (with the oracle) and Neural Cleanse for one trigger."""
+             nc: NCConfig | None = None, progress: bool = False, light: bool = False) -> dict:
+    """One line of the sweep: the pipeline with the oracle and the random-patch control, and
+    Neural Cleanse, for one trigger. ``light`` (the extra seeds of the book's sweep): MESA,
+    the point starts and the oracle only, under the headline protocol only."""
     preset = get_preset(preset)
     nc = _nc_config(preset, nc)
+    if light:
+        preset = preset.with_(second_ratio=None)
     result = run_pipeline(
         dataset=splits.name, pattern=task.pattern if task.color_seed is None else 0, target=task.target,
-        preset=preset, seed=seed, use_cache=True, oracle=True, color_seed=task.color_seed,
-        progress=progress, splits=splits, extra_stages={"nc": nc_stage(nc)},
+        preset=preset, seed=seed, use_cache=True, oracle=True, controls=not light, color_seed=task.color_seed,
+        progress=progress, splits=splits, extra_stages={} if light else {"nc": nc_stage(nc)},
     )
+    result["config"]["light"] = light
+    if "nc_second" in result:
+        result["second"]["nc"] = result.pop("nc_second")
     result["config"]["nc"] = nc.to_dict()
     result["config"]["host"] = socket.gethostname()
     result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -231,7 +249,7 @@ def append_line(path: str | Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-RESUME_KEYS = ("dataset", "seed", "target", "preset", "nc", "code", "torch_threads")
+RESUME_KEYS = ("dataset", "seed", "target", "preset", "nc", "code", "torch_threads", "light")
 """What a resumed sweep must share with the lines already in its file."""
 
 
@@ -321,11 +339,12 @@ def _work(task: SweepTask, data: dict, preset: Preset, seed: int, nc: NCConfig) 
     """Run one task in a worker process (local pool or Ray); loads the data once per process."""
     if "threads" in data:
         torch.set_num_threads(data["threads"])
-    return run_task(task, _worker_splits(data), preset, seed, nc, progress=False)
+    return run_task(task, _worker_splits(data), preset, seed, nc, progress=False, light=data.get("light", False))
 
 
 def _summary(line: dict) -> str:
-    parts = [f"{k} {100 * line[k]['asr']:.1f}%" for k in ("backdoored", "mesa", "point", "nc", "oracle") if k in line]
+    parts = [f"{k} {100 * line[k]['asr']:.1f}%" for k in ("backdoored", "mesa", "point", "nc", "random", "oracle")
+             if k in line]
     det = line.get("detection", {}).get("detected_target")
     ncd = line.get("nc_detection", {}).get("detected_target")
     return (f"pattern {line['pattern']}: ASR " + ", ".join(parts)
@@ -348,8 +367,12 @@ def run_sweep(
     nc: NCConfig | None = None,
     progress: bool = True,
     threads: int | None = None,
+    light: bool = False,
 ) -> list[dict]:
     """Run (or resume) a sweep and return all its lines, in task order.
+
+    ``light`` runs MESA, the point starts and the oracle under the headline protocol only
+    (see :func:`run_task`): the book's extra seeds.
 
     ``workers`` > 1 runs triggers in that many local processes (spawned, each with
     ``cpu_count // workers`` torch threads); ``backend="ray"`` runs them as Ray tasks
@@ -378,8 +401,9 @@ def run_sweep(
         runs = _read_runs(runs_path)
         splits = load_dataset(dataset, root=root, device=dev, train_limit=train_limit)
         _check_compatible(done, out, {"dataset": splits.name, "seed": seed, "target": target,
-                                      "preset": preset.to_dict(), "nc": nc.to_dict(), "code": code_fingerprint(),
-                                      "torch_threads": threads})
+                                      "preset": (preset.with_(second_ratio=None) if light else preset).to_dict(),
+                                      "nc": nc.to_dict(), "code": code_fingerprint(), "torch_threads": threads,
+                                      "light": light})
         done = read_finished(out)  # now cut off a half-written last line
         todo = [t for t in tasks if t.pattern not in done]
         log(f"sweep {splits.name} / {preset.name} / seed {seed}: {len(tasks)} triggers, "
@@ -388,7 +412,8 @@ def run_sweep(
         if todo:
             _run_todo(todo, len(tasks), done, out, runs, runs_path, splits, preset, seed, nc, threads, backend,
                       workers, ray_address, {"dataset": dataset, "root": None if root is None else str(root),
-                                             "device": device, "train_limit": train_limit}, progress, log)
+                                             "device": device, "train_limit": train_limit, "light": light},
+                      progress, log)
     return [done[t.pattern] for t in tasks]
 
 
@@ -434,7 +459,7 @@ def _run_todo(todo, n_tasks, done, out, runs, runs_path, splits, preset, seed, n
         elif workers == 1:
             with torch_threads(threads):
                 for task in todo:
-                    record(run_task(task, splits, preset, seed, nc, progress=False))
+                    record(run_task(task, splits, preset, seed, nc, progress=False, light=data["light"]))
         else:
             _run_pool(todo, data, preset, seed, nc, workers, threads, record)
     except KeyboardInterrupt:
@@ -491,9 +516,15 @@ def _run_ray(todo: Sequence[SweepTask], data: dict, preset: Preset, seed: int, n
 
 # ---------------------------------------------------------------- reading results
 
-METHODS = {"backdoored": "attack, no defense", "mesa": "MESA", "point": "point baseline",
-           "nc": "Neural Cleanse", "oracle": "oracle (true trigger)"}
+METHODS = {"backdoored": "attack, no defense", "mesa": "MESA", "point": "point baseline (best of k)",
+           "nc": "Neural Cleanse", "random": "random patches (control)", "oracle": "oracle (true trigger)"}
 """The models of a sweep line, in table order, with their display names."""
+
+ARMS = {"mesa": "MESA", "point": "point, best of k", "point_median": "point, median start",
+        "point_worst": "point, worst start", "nc": "Neural Cleanse", "random": "random patches (control)",
+        "oracle": "oracle (true trigger)"}
+"""The defenses a summary reports; ``point`` is the start chosen on the defender's check half,
+``point_median`` / ``point_worst`` summarise all starts (headline protocol only)."""
 
 
 def load_sweep(path: str | Path) -> list[dict]:
@@ -506,32 +537,150 @@ def load_sweep(path: str | Path) -> list[dict]:
     return [done[k] for k in sorted(done)]
 
 
-def summarize(lines: Sequence[dict]) -> dict:
-    """Per method: ASR min/mean/max and mean clean accuracy over the lines, and the mean
-    change of clean accuracy against the backdoored model; plus detection hits (the
-    detected class is the attacked one) for MESA's scan and Neural Cleanse (detected, and
-    flagged with anomaly index > 2)."""
+def arm_result(line: dict, arm: str, protocol: str = "headline") -> dict | None:
+    """One arm's numbers on one line: ``{"asr", "clean_acc", "target_recall", "residual"}``
+    (None where the line does not have it). ``point_median`` / ``point_worst`` take, metric by
+    metric, the median / worst over the point starts (headline protocol)."""
+    if arm in ("backdoored", "clean"):
+        return line.get(arm)
+    src = line if protocol == "headline" else line.get("second", {})
+    if arm in ("point_median", "point_worst"):
+        starts = src.get("point_starts")
+        if not starts:
+            return None
+        pick = (lambda v, worse_high: float(median(torch.tensor(v, dtype=torch.float64)))) if arm == "point_median" else \
+            (lambda v, worse_high: max(v) if worse_high else min(v))
+        return {"asr": pick([s["asr"] for s in starts], True),
+                "clean_acc": pick([s["clean_acc"] for s in starts], False),
+                "target_recall": (pick([s["target_recall"] for s in starts], False)
+                                  if all(s.get("target_recall") is not None for s in starts) else None),
+                "residual": {k: pick([s["residual"][k] for s in starts], True)
+                             for k in ("fired", "mean_fired_before", "max")}}
+    return src.get(arm)
+
+
+def _stats(values: Sequence[float]) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"min": float(t.min()), "median": float(median(t)), "max": float(t.max()), "mean": float(t.mean())}
+
+
+def summarize(lines: Sequence[dict], protocol: str = "headline") -> dict:
+    """Per arm over the lines (one protocol): the attacker's ASR, the residual valid set
+    (mean ASR over the patterns that fired on the backdoored model, and how many patterns
+    still fire), the clean-accuracy change against the backdoored model and the target's
+    recall, each as min / median / max / mean; plus detection under the book's rule
+    (:data:`~mesa_lib.detect.RULE`) for MESA's scan and Neural Cleanse."""
     if not lines:
         raise ValueError("no sweep lines to summarize; is the sweep file empty?")
-    out: dict = {"n": len(lines), "methods": {}}
-    base = torch.tensor([l["backdoored"]["clean_acc"] for l in lines], dtype=torch.float64)
-    for key in METHODS:
-        have = [l for l in lines if key in l]
+    out: dict = {"n": len(lines), "protocol": protocol, "methods": {}}
+    for arm, name in {"backdoored": "attack, no defense", "clean": "clean model", **ARMS}.items():
+        have = [(l, r) for l in lines if (r := arm_result(l, arm, protocol)) is not None]
         if not have:
             continue
-        asr = torch.tensor([l[key]["asr"] for l in have], dtype=torch.float64)
-        acc = torch.tensor([l[key]["clean_acc"] for l in have], dtype=torch.float64)
-        ref = torch.tensor([l["backdoored"]["clean_acc"] for l in have], dtype=torch.float64)
-        out["methods"][key] = {
-            "name": METHODS[key], "n": len(have), "asr_min": float(asr.min()), "asr_mean": float(asr.mean()),
-            "asr_max": float(asr.max()), "clean_acc_mean": float(acc.mean()),
-            "clean_acc_change_mean": float((acc - ref).mean()),
-        }
+        entry = {"name": name, "n": len(have), "asr": _stats([r["asr"] for _, r in have])}
+        if all("residual" in r for _, r in have):
+            entry["residual"] = _stats([r["residual"]["mean_fired_before"] for _, r in have])
+            entry["fired"] = _stats([r["residual"]["fired"] for _, r in have])
+        entry["clean_acc_change"] = _stats([r["clean_acc"] - l["backdoored"]["clean_acc"] for l, r in have])
+        if all(r.get("target_recall") is not None for _, r in have):
+            entry["target_recall"] = _stats([r["target_recall"] for _, r in have])
+        out["methods"][arm] = entry
     target = [l["config"]["target"] for l in lines]
     out["detection"] = {
+        "rule": RULE,
         "mesa_hits": sum(l["detection"]["detected_target"] == t for l, t in zip(lines, target)),
+        "mesa_flagged": sum(bool(l["detection"].get("flagged")) for l in lines),
         "nc_hits": sum(l["nc_detection"]["detected_target"] == t for l, t in zip(lines, target) if "nc_detection" in l),
         "nc_flagged": sum(t in l["nc_detection"]["flagged"] for l, t in zip(lines, target) if "nc_detection" in l),
     }
-    out["clean_acc_backdoored_mean"] = float(base.mean())
     return out
+
+
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval of the mean of ``values`` (resampled with replacement,
+    ``n`` times, seeded)."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if t.numel() == 0:
+        raise ValueError("no values to bootstrap")
+    g = torch.Generator().manual_seed(seed)
+    means = t[torch.randint(0, len(t), (n, len(t)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def sign_test(a: Sequence[float], b: Sequence[float]) -> dict:
+    """The paired sign test of ``a < b``: how many pairs have ``a`` lower, higher, tied, and the
+    exact two-sided binomial p-value over the untied pairs."""
+    import math
+
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in length: {len(a)} and {len(b)}")
+    lower = sum(x < y for x, y in zip(a, b))
+    higher = sum(x > y for x, y in zip(a, b))
+    m, k = lower + higher, min(lower, higher)
+    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+    return {"lower": lower, "higher": higher, "ties": len(a) - m, "p": p}
+
+
+# ---------------------------------------------------------------- the clean-model control
+
+
+def control_line(seed: int, splits: DatasetSplits, preset: Preset | str = "fast", nc: NCConfig | None = None,
+                 progress: bool = False) -> dict:
+    """Detection on a CLEAN model (trained with ``seed``): MESA's scan and Neural Cleanse exactly
+    as in the sweep (search half / check half of the modelling split), and whether the book's
+    rule (:data:`~mesa_lib.detect.RULE`) or NC's flag would call it backdoored: a false positive."""
+    from .detect import defender_halves
+    from .pipeline import _detect, run_config
+
+    preset = get_preset(preset)
+    nc = _nc_config(preset, nc)
+    t0 = time.perf_counter()
+    clean = get_clean_model(splits, preset, seed, use_cache=True, progress=progress)
+    search, check = defender_halves(splits.model, seed)
+    det = _detect(clean, search, check, preset, seed, progress)
+    ncd = detect_backdoor(reverse_engineer_masks(clean, search, nc, seed=seed, progress=progress)).to_dict()
+    trigger = torch.zeros(splits.channels, 3, 3, device=splits.device)
+    cfg = run_config(splits, preset, 0, None, trigger, 0, seed, splits.device)
+    for k in ("pattern", "stamped_pattern", "color_seed", "target"):
+        cfg.pop(k)
+    cfg["nc"] = nc.to_dict()
+    return {"seed": seed, "clean_acc": evaluate_model(clean, splits.eval, trigger, 0)["clean_acc"],
+            "detection": det, "nc_detection": ncd, "mesa_false_positive": bool(det["flagged"]),
+            "nc_false_positive": bool(ncd["flagged"]), "seconds": round(time.perf_counter() - t0, 1), "config": cfg}
+
+
+def _control_work(seed: int, data: dict, preset: Preset, nc: NCConfig) -> dict:
+    return control_line(seed, _worker_splits(data), preset, nc)
+
+
+def run_clean_controls(dataset: str = "fashion-mnist", seeds: Sequence[int] = range(10), preset: Preset | str = "fast",
+                       out: str | Path = "results/clean_controls.json", workers: int = 1, root: str | Path | None = None,
+                       nc: NCConfig | None = None, progress: bool = True) -> dict:
+    """The false-positive control: :func:`control_line` for clean models of every seed (in
+    ``workers`` local processes), written to ``out`` as one JSON file with the rates."""
+    import multiprocessing as mp
+
+    preset = get_preset(preset)
+    nc = _nc_config(preset, nc)
+    out = check_writable(out)
+    seeds = [int(s) for s in seeds]
+    t0 = time.perf_counter()
+    data = {"dataset": dataset, "root": None if root is None else str(root), "device": "cpu", "train_limit": None,
+            "light": False}
+    threads = work_threads("local", workers, torch.device("cpu"))
+    lines = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads, data)) as pool:
+        for line in pool.map(_control_work, seeds, [data] * len(seeds), [preset] * len(seeds), [nc] * len(seeds)):
+            lines.append(line)
+            if progress:
+                print(f"clean seed {line['seed']}: MESA scan top ASR {max(line['detection']['per_class_asr']):.1%}, "
+                      f"index {line['detection']['anomaly_index']:.1f}, flagged {line['mesa_false_positive']}; "
+                      f"NC flagged {line['nc_detection']['flagged']} ({line['seconds']:.0f} s)", flush=True)
+    result = {"rule": RULE, "n": len(lines), "mesa_false_positives": sum(l["mesa_false_positive"] for l in lines),
+              "nc_false_positives": sum(l["nc_false_positive"] for l in lines), "lines": lines,
+              "wall_s": round(time.perf_counter() - t0, 1), "workers": workers, "threads": threads,
+              "code": code_fingerprint(), "git": git_state()}
+    write_json(result, out)
+    return result

@@ -13,7 +13,7 @@ the point baseline back-propagate through it).
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -24,6 +24,7 @@ __all__ = [
     "NUM_PATTERNS",
     "pattern_from_id",
     "pattern_id",
+    "patterns_tensor",
     "symmetry_class",
     "canonical_id",
     "canonical_patterns",
@@ -34,6 +35,7 @@ __all__ = [
     "stamp",
     "TriggerSampler",
     "FixedTrigger",
+    "UniformNoiseTrigger",
 ]
 
 PATTERN_SIZE = 3
@@ -65,6 +67,18 @@ def pattern_from_id(pattern: int) -> torch.Tensor:
     pattern = _check_id(pattern)
     bits = [(pattern >> (8 - k)) & 1 for k in range(9)]
     return torch.tensor(bits, dtype=torch.float32).reshape(3, 3)
+
+
+def patterns_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The binary 3x3 patterns of 9-bit ids as a ``[N, 1, 3, 3]`` tensor, in one tensor op
+    (pixels read row by row, first pixel = most significant bit, 1 = white)."""
+    t = torch.as_tensor(ids)
+    if t.dim() != 1 or len(t) == 0 or t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"ids must be a non-empty 1-D sequence of integer pattern ids, got {ids!r}")
+    if bool(((t < 0) | (t >= NUM_PATTERNS)).any()):
+        raise ValueError(f"pattern ids must be in 0..{NUM_PATTERNS - 1} (9-bit numbers), got {t.tolist()}")
+    shifts = torch.arange(8, -1, -1, device=t.device)
+    return ((t.long()[:, None] >> shifts) & 1).float().reshape(-1, 1, 3, 3)
 
 
 def pattern_id(pattern: torch.Tensor) -> int:
@@ -266,3 +280,22 @@ class FixedTrigger:
 
     def __repr__(self) -> str:
         return f"FixedTrigger(shape={tuple(self.trigger.shape)})"
+
+
+class UniformNoiseTrigger:
+    """A sampler of fresh uniform-noise patches ``[C, p, p]`` (every pixel uniform in
+    ``[0, 1]``): the control that knows nothing of the backdoor. Retraining against it
+    measures how much generic patch augmentation removes by itself."""
+
+    def __init__(self, channels: int, size: int = PATTERN_SIZE, device: torch.device | str = "cpu"):
+        if channels < 1 or size < 1:
+            raise ValueError(f"channels and size must be >= 1, got {channels}, {size}")
+        self.trigger_shape = (int(channels), int(size), int(size))
+        self.device = torch.device(device)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        dev = generator.device if generator is not None else self.device
+        return torch.rand(n, *self.trigger_shape, generator=generator, device=dev)
+
+    def __repr__(self) -> str:
+        return f"UniformNoiseTrigger(shape={self.trigger_shape})"

@@ -31,7 +31,8 @@ def test_scan_classes_detects_the_target(tiny_backdoor, torch_single_thread):
     others = [a for c, a in enumerate(asr) if c != b.target]
     assert asr[b.target] >= max(others) + 0.3
     assert det.anomaly_index > 2
-    assert set(det.to_dict()) == {"per_class_asr", "detected_target", "anomaly_index"}
+    assert set(det.to_dict()) == {"per_class_asr", "detected_target", "anomaly_index", "flagged"}
+    assert det.flagged and det.to_dict()["flagged"] is True  # the book's rule: ASR >= 50% and index > 2
 
 
 def test_reverse_engineered_trigger_fires_the_backdoor(tiny_backdoor, torch_single_thread):

@@ -56,13 +56,30 @@ def test_tiny_pipeline_writes_result_and_is_deterministic(fake_fmnist_splits, ca
                      device="cpu", oracle=True)
     _check_result_file(tmp_path / "a.json", a)
     _check_result_file(tmp_path / "b.json", b)
-    assert "oracle" in b and "oracle" not in a
+    assert "oracle" in b and "oracle" not in a and "oracle" in b["second"]
     b.pop("oracle")
+    b["second"].pop("oracle")
     assert _without_times(a) == _without_times(b)
+    # detect, then defend: the defended class is the scan's, and the line says if it is the true one
+    assert a["defended_target"] == a["detection"]["detected_target"]
+    assert a["target_detected"] == (a["defended_target"] == 0)
+    # every point start is retrained under the headline protocol; the best is chosen on the check half
+    ps = a["point_search"]
+    assert len(ps["triggers"]) == TINY.point_starts == len(a["point_starts"]) == len(ps["check_asr"])
+    assert ps["best"] == max(range(len(ps["check_asr"])), key=lambda i: ps["check_asr"][i])
+    assert a["point"] == a["point_starts"][ps["best"]]
+    # the residual valid set: the patterns that fired on the backdoored model, and each arm's leftovers
+    fired = a["backdoored"]["fired_patterns"]
+    assert a["backdoored"]["residual"]["fired"] == len(fired)
+    for arm in ("mesa", "point"):
+        for proto in (a, a["second"]):
+            assert 0 <= proto[arm]["residual"]["fired"] <= 512
+    assert [p["name"] for p in a["protocols"]] == ["headline", "second"]
+    assert a["second"]["protocol"]["ratio"] == TINY.second_ratio
     assert a["config"]["preset"]["name"] == "tiny" and a["config"]["target"] == 0
     assert a["config"]["stamped_pattern"] == 341  # 170 on a dark background is stamped as 341
     c = run_pipeline(preset=TINY, seed=1, splits=fake_fmnist_splits, progress=False, device="cpu")
-    assert c["point_trigger"] != a["point_trigger"], "another seed should give another run"
+    assert c["point_search"]["triggers"] != a["point_search"]["triggers"], "another seed should give another run"
     assert not any(cache.rglob("*.safetensors")), "use_cache=False must not write the model cache"
 
 

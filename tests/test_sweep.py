@@ -292,9 +292,11 @@ def test_cli_sweep_reports_bad_patterns_clearly(capsys):
     assert not Path("unused.jsonl").exists()
 
 
-def _fake_line(pattern: int, asr: dict, acc: float = 0.9, mesa_det: int = 0, nc_det: int = 0, flagged=(0,)) -> dict:
+def _fake_line(pattern: int, asr: dict, acc: float = 0.9, mesa_det: int = 0, nc_det: int = 0, flagged=(0,),
+               mesa_flag: bool = True) -> dict:
     line = {"pattern": pattern, "config": {"target": 0},
-            "detection": {"detected_target": mesa_det}, "nc_detection": {"detected_target": nc_det, "flagged": list(flagged)}}
+            "detection": {"detected_target": mesa_det, "flagged": mesa_flag},
+            "nc_detection": {"detected_target": nc_det, "flagged": list(flagged)}}
     for k, a in asr.items():
         line[k] = {"asr": a, "clean_acc": acc - (0.01 if k != "backdoored" else 0.0)}
     return line
@@ -305,14 +307,52 @@ def test_summarize_computes_ranges_changes_and_hits(tmp_path):
 
     lines = [
         _fake_line(1, {"backdoored": 0.9, "mesa": 0.02, "point": 0.3, "nc": 0.1, "oracle": 0.01}),
-        _fake_line(2, {"backdoored": 1.0, "mesa": 0.04, "point": 0.1, "nc": 0.2, "oracle": 0.03}, mesa_det=3, flagged=()),
+        _fake_line(2, {"backdoored": 1.0, "mesa": 0.04, "point": 0.1, "nc": 0.2, "oracle": 0.03}, mesa_det=3, flagged=(),
+                   mesa_flag=False),
+        _fake_line(3, {"backdoored": 1.0, "mesa": 0.06, "point": 0.2, "nc": 0.2, "oracle": 0.03}),
     ]
     s = summarize(lines)
-    assert s["n"] == 2
+    assert s["n"] == 3
     m = s["methods"]
-    assert m["mesa"]["asr_min"] == 0.02 and m["mesa"]["asr_max"] == 0.04 and abs(m["mesa"]["asr_mean"] - 0.03) < 1e-12
-    assert abs(m["point"]["clean_acc_change_mean"] + 0.01) < 1e-9 and m["backdoored"]["clean_acc_change_mean"] == 0
-    assert s["detection"] == {"mesa_hits": 1, "nc_hits": 2, "nc_flagged": 1}
+    assert m["mesa"]["asr"]["min"] == 0.02 and m["mesa"]["asr"]["max"] == 0.06
+    assert abs(m["mesa"]["asr"]["mean"] - 0.04) < 1e-12 and abs(m["mesa"]["asr"]["median"] - 0.04) < 1e-12
+    assert abs(m["point"]["clean_acc_change"]["mean"] + 0.01) < 1e-9 and m["backdoored"]["clean_acc_change"]["max"] == 0
+    d = s["detection"]
+    assert (d["mesa_hits"], d["mesa_flagged"], d["nc_hits"], d["nc_flagged"]) == (2, 2, 3, 2)
+    assert "50%" in d["rule"] and "> 2" in d["rule"]
+
+
+def test_point_median_and_worst_take_every_start():
+    from mesa_lib.sweep import arm_result
+
+    starts = [{"asr": a, "clean_acc": 0.9 - a / 10, "target_recall": 0.8,
+               "residual": {"fired": f, "mean_fired_before": a / 2, "max": a}}
+              for a, f in ((0.1, 1), (0.4, 5), (0.2, 2), (0.3, 0))]
+    line = {"point_starts": starts, "point": starts[0], "backdoored": {"asr": 1.0, "clean_acc": 0.9}}
+    med, worst = arm_result(line, "point_median"), arm_result(line, "point_worst")
+    assert abs(med["asr"] - 0.25) < 1e-12  # an even count: the mean of the two middle values
+    assert worst["asr"] == 0.4 and worst["residual"]["fired"] == 5 and abs(worst["clean_acc"] - 0.86) < 1e-12
+    assert arm_result(line, "point") is starts[0] and arm_result(line, "point_median", "second") is None
+
+
+def test_bootstrap_interval_and_sign_test():
+    from mesa_lib.sweep import bootstrap_ci, sign_test
+
+    lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert 1.0 < lo < 3.0 < hi < 5.0
+    assert bootstrap_ci([2.0] * 7) == (2.0, 2.0)
+    t = sign_test([0.1] * 10, [0.2] * 10)
+    assert (t["lower"], t["higher"], t["ties"]) == (10, 0, 0) and abs(t["p"] - 2 / 1024) < 1e-15
+    t = sign_test([0.1, 0.3, 0.2], [0.2, 0.2, 0.2])
+    assert (t["lower"], t["higher"], t["ties"], t["p"]) == (1, 1, 1, 1.0)
+    with pytest.raises(ValueError, match="length"):
+        sign_test([1.0], [1.0, 2.0])
+
+
+def test_load_sweep_ignores_a_line_in_progress(tmp_path):
+    from mesa_lib.sweep import load_sweep, summarize
+
+    lines = [_fake_line(1, {"backdoored": 0.9}), _fake_line(2, {"backdoored": 0.8})]
     for line in lines:
         append_line(tmp_path / "s.jsonl", line)
     with open(tmp_path / "s.jsonl", "ab") as f:

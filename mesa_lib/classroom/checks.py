@@ -704,12 +704,11 @@ def check_valid_mass(fn: Callable, hidden: bool = False) -> Score:
 # =========================================================================== 11. the target scan
 def reference_anomaly_index(asr: torch.Tensor) -> tuple[int, float]:
     """The detected class and its anomaly index, as :func:`mesa_lib.detect.scan_classes` computes
-    them: ``(asr[top] - median) / max(1.4826 * MAD, 1e-3)``, MAD the median absolute deviation."""
-    a = torch.as_tensor(asr, dtype=torch.float64)
-    top = int(a.argmax())
-    med = a.median()
-    mad = (a - med).abs().median() * 1.4826
-    return top, float((a[top] - med) / mad.clamp(min=1e-3))
+    them: ``(asr[top] - median) / max(1.4826 * MAD, 1e-3)``, MAD the median absolute deviation,
+    a median of an even count the mean of its two middle values."""
+    from ..detect import anomaly_index_of_top
+
+    return anomaly_index_of_top(asr)
 
 
 def _anomaly_case(values: list[float]) -> Callable:
@@ -737,10 +736,15 @@ def _anomaly_case(values: list[float]) -> Callable:
                         "to at least 1e-3 before dividing")
         if math.isclose(idx, want, rel_tol=1e-6, abs_tol=1e-6):
             return
-        a, med = asr, asr.median()
-        mad = (a - med).abs().median()
+        a, med = asr, torch.quantile(asr, 0.5)
+        mad = torch.quantile((a - med).abs(), 0.5)
         if math.isclose(idx, float((a[want_top] - med) / mad.clamp(min=1e-3)), rel_tol=1e-6):
             raise Wrong("missing the consistency constant: the robust standard deviation is 1.4826 x MAD")
+        low, low_mad = asr.median(), None
+        low_mad = (a - low).abs().median()
+        if math.isclose(idx, float((a[want_top] - low) / (1.4826 * low_mad).clamp(min=1e-3)), rel_tol=1e-6):
+            raise Wrong("torch.median returns the LOWER middle value of an even count; the median of 10 "
+                        "classes is the mean of the two middle values (torch.quantile(x, 0.5))")
         if math.isclose(idx, float((a[want_top] - a.mean()) / a.std()), rel_tol=1e-6) or math.isclose(
                 idx, float((a[want_top] - a.mean()) / a.std(unbiased=False)), rel_tol=1e-6):
             raise Wrong("you used the mean and standard deviation; the outlier itself inflates them. Use the "
