@@ -361,3 +361,45 @@ def test_load_sweep_ignores_a_line_in_progress(tmp_path):
     assert (tmp_path / "s.jsonl").read_bytes().endswith(b'{"pattern": 5')
     with pytest.raises(ValueError, match="no sweep lines"):
         summarize([])
+
+
+def test_light_sweep_runs_the_headline_arms_only_and_is_its_own_file(fmnist_root, tmp_path):
+    out = tmp_path / "light.jsonl"
+    (line,) = run_sweep(patterns="170", preset=TINY, out=out, root=fmnist_root, nc=TINY_NC, progress=False,
+                        light=True, seed=1)
+    assert {"mesa", "point", "point_starts", "oracle"} <= set(line)
+    assert not {"nc", "random", "second", "nc_detection"} & set(line)
+    assert line["config"]["light"] is True and line["config"]["seed"] == 1
+    assert [p["name"] for p in line["protocols"]] == ["headline"]
+    with pytest.raises(ValueError, match="different sweep"):  # a full sweep may not append to it
+        run_sweep(patterns="170,341", preset=TINY, out=out, root=fmnist_root, nc=TINY_NC, progress=False, seed=1)
+
+
+def test_full_line_has_both_protocols_controls_and_detection_rule(fmnist_root, tmp_path):
+    (line,) = run_sweep(patterns="170", preset=TINY, out=tmp_path / "full.jsonl", root=fmnist_root, nc=TINY_NC,
+                        progress=False)
+    for arm in ("mesa", "point", "nc", "random", "oracle"):
+        assert {"asr", "clean_acc", "target_recall", "residual"} <= set(line[arm]), arm
+        assert {"asr", "clean_acc", "residual"} <= set(line["second"][arm]), arm
+    assert line["second"]["protocol"]["ratio"] == TINY.second_ratio
+    assert isinstance(line["detection"]["flagged"], bool)
+    assert line["nc_detection"]["mitigated_class"] == line["nc_detection"]["detected_target"]
+
+
+def test_clean_controls_cli(fmnist_root, tmp_path, capsys, monkeypatch):
+    import json
+
+    from mesa_lib import sweep as sweep_mod
+    from mesa_lib.cli import main
+
+    monkeypatch.setattr(sweep_mod, "get_preset", lambda name: TINY)
+    monkeypatch.setattr(sweep_mod, "NC_CONFIGS", {"fast": TINY_NC})
+    out = tmp_path / "controls.json"
+    code = main(["clean-controls", "--seeds", "0-1", "--out", str(out), "--data-root", str(fmnist_root), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["n"] == 2 and [l["seed"] for l in res["lines"]] == [0, 1]
+    assert res["mesa_false_positives"] == sum(l["detection"]["flagged"] for l in res["lines"])
+    assert "flagged by MESA's scan" in capsys.readouterr().out
+    assert main(["clean-controls", "--seeds", "x", "--out", str(out)]) == 2
+    assert "--seeds" in capsys.readouterr().err
