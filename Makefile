@@ -56,20 +56,9 @@ data: $(STAMP)
 	if have_files; then \
 	  echo ">> Fashion-MNIST found in $(FMNIST_DIR)"; exit 0; \
 	fi; \
-	sudo=none; \
-	if command -v apt-get >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then sudo=""; \
-	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi; \
-	fi; \
-	if [ "$$sudo" != none ]; then \
-	  echo ">> installing Debian package dataset-fashion-mnist (apt-get)"; \
-	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist \
-	  || { $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist; } \
-	  || echo ">> apt-get could not install dataset-fashion-mnist; falling back to torchvision download"; \
-	  if have_files; then echo ">> Fashion-MNIST installed in $(FMNIST_DIR)"; exit 0; fi; \
-	else \
-	  echo ">> apt-get not usable here (not root, no passwordless sudo); using torchvision download"; \
-	fi; \
+	scripts/apt_install.sh dataset-fashion-mnist \
+	  || echo ">> no Debian package dataset-fashion-mnist; falling back to torchvision download"; \
+	if have_files; then echo ">> Fashion-MNIST installed in $(FMNIST_DIR)"; exit 0; fi; \
 	echo ">> $(PY) -m mesa_lib fetch-data"; \
 	$(PY) -m mesa_lib fetch-data && exit 0; \
 	echo "ERROR: could not get Fashion-MNIST." >&2; \
@@ -85,16 +74,7 @@ CHROMIUM ?= /usr/bin/chromium
 
 browser:
 	@if [ -x "$(CHROMIUM)" ]; then echo ">> Chromium found at $(CHROMIUM)"; exit 0; fi; \
-	sudo=none; \
-	if command -v apt-get >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then sudo=""; \
-	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi; \
-	fi; \
-	if [ "$$sudo" != none ]; then \
-	  echo ">> installing Debian package chromium for the browser test (apt-get)"; \
-	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
-	  || { $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; \
-	fi; \
+	scripts/apt_install.sh --no-install-recommends chromium; \
 	if [ -x "$(CHROMIUM)" ]; then echo ">> Chromium installed at $(CHROMIUM)"; exit 0; fi; \
 	echo "ERROR: the browser test needs Chromium at $(CHROMIUM): install it (Debian/Ubuntu: sudo apt-get install chromium) or point CHROMIUM=/path/to/chromium (exported as MESA_CHROMIUM)." >&2; \
 	exit 1

@@ -4,9 +4,9 @@ that chapter 9's live check allows (``book/results/rerun_spread.json``).
 Re-run a few patterns of the committed file into other files -- once with the committed
 thread count, once with another -- each from an empty model cache, e.g.::
 
-    MESA_CACHE_DIR=$(mktemp -d) OMP_NUM_THREADS=1 python -m mesa_lib sweep --patterns 0,170,27 \\
+    MESA_CACHE_DIR=$(mktemp -d) python -m mesa_lib sweep --light --patterns 0,170 \\
         --workers 2 --out /tmp/rerun-1thread.jsonl
-    MESA_CACHE_DIR=$(mktemp -d) python -m mesa_lib sweep --patterns 0,170,27 --out /tmp/rerun-2threads.jsonl
+    MESA_CACHE_DIR=$(mktemp -d) python -m mesa_lib sweep --light --patterns 0,170 --out /tmp/rerun-2threads.jsonl
 
 then::
 
@@ -29,12 +29,18 @@ from mesa_lib.sweep import METHODS, load_sweep  # noqa: E402
 
 
 def deviations(committed: list[dict], rerun: list[dict]) -> dict[int, float]:
-    """Per pattern of ``rerun``: the largest |difference| of any ASR or clean accuracy."""
+    """Per pattern of ``rerun``: the largest |difference| of any ASR, clean accuracy or residual
+    (of every model the re-run has: a ``--light`` re-run has the headline arms only)."""
     ref = {l["pattern"]: l for l in committed}
     out = {}
     for line in rerun:
         old = ref[line["pattern"]]
-        out[line["pattern"]] = max(abs(line[k][q] - old[k][q]) for k in METHODS for q in ("asr", "clean_acc"))
+        keys = [k for k in METHODS if k in line and k in old]
+        devs = [abs(line[k][q] - old[k][q]) for k in keys for q in ("asr", "clean_acc")]
+        devs += [abs(line[k]["residual"]["mean_fired_before"] - old[k]["residual"]["mean_fired_before"])
+                 for k in keys if "residual" in line[k] and "residual" in old[k]]
+        devs += [abs(a["asr"] - b["asr"]) for a, b in zip(line.get("point_starts", []), old.get("point_starts", []))]
+        out[line["pattern"]] = max(devs)
     return out
 
 
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                      "committed_threads": sorted({l["config"]["torch_threads"] for l in committed
                                                   if l["pattern"] in dev}),
                      "deviation": {str(k): v for k, v in dev.items()}})
-    result = {"committed": args.committed.name, "reruns": runs,
+    result = {"committed": args.committed.name, "code": sorted({l["config"]["code"] for l in committed}),
+              "git": sorted({l["config"]["git"]["commit"] for l in committed}), "reruns": runs,
               "max_deviation": max(v for r in runs for v in r["deviation"].values()),
               "how": "scripts/rerun_spread.py; see its docstring for the commands"}
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")

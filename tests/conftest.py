@@ -183,22 +183,40 @@ def fake_fmnist_root(tmp_path: pathlib.Path) -> pathlib.Path:
     return root
 
 
+def _fake_cifar_root(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, which: str) -> pathlib.Path:
+    _skip_cifar_md5(monkeypatch)
+    root = tmp_path / f"fake-{which}"
+    write_fake_cifar(root, which)
+    return root
+
+
 @pytest.fixture
 def fake_cifar10_root(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     """A directory holding ``cifar-10-batches-py`` (10 train, 5 test images)."""
-    _skip_cifar_md5(monkeypatch)
-    root = tmp_path / "fake-cifar10"
-    write_fake_cifar(root, "cifar10")
-    return root
+    return _fake_cifar_root(tmp_path, monkeypatch, "cifar10")
 
 
 @pytest.fixture
 def fake_cifar100_root(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     """A directory holding ``cifar-100-python`` (10 train, 5 test images)."""
-    _skip_cifar_md5(monkeypatch)
-    root = tmp_path / "fake-cifar100"
-    write_fake_cifar(root, "cifar100")
-    return root
+    return _fake_cifar_root(tmp_path, monkeypatch, "cifar100")
+
+
+@pytest.fixture
+def offline(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No internet (every download fails as without DNS), no Debian dataset, no
+    MESA_DATA_DIR, and an empty private cache."""
+    import urllib.error
+
+    import mesa_lib.data as data
+
+    def no_network(name, target):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data, "_download", no_network)
+    monkeypatch.setattr(data, "DEBIAN_DATA_DIR", tmp_path / "no-debian")
+    monkeypatch.delenv("MESA_DATA_DIR", raising=False)
+    monkeypatch.setenv("MESA_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture

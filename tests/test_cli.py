@@ -203,18 +203,7 @@ def test_sweep_out_check_does_not_touch_the_file(tmp_path, monkeypatch):
     assert out.read_text() == "not a sweep file\n" and after.st_mtime_ns == before.st_mtime_ns
 
 
-def test_fetch_data_offline_exit_2_one_line(capsys, tmp_path, monkeypatch):
-    import urllib.error
-
-    import mesa_lib.data as data
-
-    def offline(name, target):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(data, "_download", offline)
-    monkeypatch.setattr(data, "DEBIAN_DATA_DIR", tmp_path / "no-debian")
-    monkeypatch.delenv("MESA_DATA_DIR", raising=False)
-    monkeypatch.setenv("MESA_CACHE_DIR", str(tmp_path / "cache"))
+def test_fetch_data_offline_exit_2_one_line(capsys, offline):
     assert main(["fetch-data"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "could not download fashion-mnist" in line and "dataset-fashion-mnist" in line and "MESA_DATA_DIR" in line

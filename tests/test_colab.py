@@ -108,16 +108,24 @@ def test_install_cell_does_nothing_elsewhere(monkeypatch):
     assert _run_cell(monkeypatch, in_colab=False) == []
 
 
-def test_chapter_setup_downloads_only_in_colab(monkeypatch):
+def _stop_at_load(monkeypatch) -> dict:
+    """Make chapter_setup stop at loading the data; returns what it asked for."""
     from mesa_lib import book
 
-    seen = {}
+    seen: dict = {}
 
     def fake_load(name, device="cpu", download=False, **kw):
-        seen["download"] = download
+        seen.update(device=device, download=download)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(book, "load_dataset", fake_load)
+    return seen
+
+
+def test_chapter_setup_downloads_only_in_colab(monkeypatch):
+    from mesa_lib import book
+
+    seen = _stop_at_load(monkeypatch)
     monkeypatch.delenv("MESA_STRICT_DEVICE", raising=False)
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     with pytest.raises(RuntimeError, match="stop here"):
@@ -133,13 +141,7 @@ def test_chapter_setup_downloads_only_in_colab(monkeypatch):
 def test_chapter_setup_strict_device(monkeypatch):
     from mesa_lib import book, devicecheck
 
-    seen = {}
-
-    def fake_load(name, device="cpu", download=False, **kw):
-        seen["device"] = device
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(book, "load_dataset", fake_load)
+    seen = _stop_at_load(monkeypatch)
     monkeypatch.setenv("MESA_STRICT_DEVICE", "1")
     try:
         with pytest.raises(RuntimeError, match="stop here"):

@@ -512,18 +512,9 @@ def test_cifar_md5_accepts_matching_file(fake_cifar_writer, tmp_path, monkeypatc
     assert len(load_dataset("cifar10", root=tmp_path / "c").train) == 10
 
 
-def test_fetch_offline_is_one_line_value_error(tmp_path, monkeypatch):
-    import urllib.error
-
+def test_fetch_offline_is_one_line_value_error(offline):
     import mesa_lib.data as data
 
-    def offline(name, target):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(data, "_download", offline)
-    monkeypatch.setattr(data, "DEBIAN_DATA_DIR", tmp_path / "no-debian")
-    monkeypatch.delenv("MESA_DATA_DIR", raising=False)
-    monkeypatch.setenv("MESA_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(ValueError) as info:
         data.fetch("fashion-mnist")
     msg = str(info.value)
