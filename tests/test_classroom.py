@@ -14,13 +14,15 @@ import torch
 from mesa_lib import classroom as cr
 from mesa_lib.classroom import checks, grading
 from mesa_lib.classroom.checks import (
-    check_anomaly_index, check_attack_success, check_canonical, check_dv_bound, check_gibbs_optimum,
-    check_hinge, check_mine_step, check_mixture_sample, check_retrain_transform, check_stamp, check_stamp_one,
-    check_testing_function, check_valid_mass, paste_at_random, reference_hinge_loss,
+    check_anomaly_index, check_attack_success, check_bootstrap_ci, check_canonical, check_dv_bound,
+    check_gibbs_optimum, check_hinge, check_mine_step, check_mixture_sample, check_retrain_transform,
+    check_sign_test, check_stamp, check_stamp_one, check_testing_function, check_valid_mass, paste_at_random,
+    reference_hinge_loss,
 )
 from mesa_lib.classroom.rubric import items
 from mesa_lib.defense import stamp_transform
 from mesa_lib.mine import dv_bound
+from mesa_lib.sweep import bootstrap_ci, sign_test
 from mesa_lib.triggers import canonical_id, pattern_from_id, pattern_id, stamp, symmetry_class
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,9 +119,14 @@ def mass(f, beta, alpha):
     return gibbs(f, beta, alpha)[f > beta].sum().item()
 
 
+def q50(x):
+    """The median of an even count as statistics defines it (the mean of the two middle values)."""
+    return torch.quantile(x, 0.5)
+
+
 def anomaly(asr):
-    med = asr.median()
-    mad = (asr - med).abs().median() * 1.4826
+    med = q50(asr)
+    mad = q50((asr - med).abs()) * 1.4826
     top = int(asr.argmax())
     return top, float((asr[top] - med) / mad.clamp(min=1e-3))
 
@@ -250,17 +257,30 @@ def test_host_syncs_score_zero_in_the_gpu_item(capsys):
     assert_score(check_stamp, syncing, capsys, 0, ".tolist()", "stall a GPU")
 
 
-def test_cpu_only_tensors_lose_the_device_case(capsys):
-    def cpu_stamp(images, triggers, locations):
-        B, p = images.shape[0], triggers.shape[-1]
-        offsets = torch.arange(p)
-        rows = (locations[:, 0, None] + offsets)[:, :, None]
-        cols = (locations[:, 1, None] + offsets)[:, None, :]
-        out = images.clone()
-        out[torch.arange(B)[:, None, None], :, rows, cols] = triggers.permute(0, 2, 3, 1)
-        return out
+def cpu_stamp(images, triggers, locations):
+    B, p = images.shape[0], triggers.shape[-1]
+    offsets = torch.arange(p)
+    rows = (locations[:, 0, None] + offsets)[:, :, None]
+    cols = (locations[:, 1, None] + offsets)[:, None, :]
+    out = images.clone()
+    out[torch.arange(B)[:, None, None], :, rows, cols] = triggers.permute(0, 2, 3, 1)
+    return out
 
+
+def test_cpu_only_tensors_lose_the_device_case(capsys):
     assert_score(check_stamp, cpu_stamp, capsys, 2, "another device", "device=images.device")
+
+
+def test_device_case_in_strict_device_mode(strict_device, capsys):
+    """Chapter 2 runs with MESA_STRICT_DEVICE=1, whose simulated device would turn the device
+    case's meta tensors into host tensors: the case runs outside it, and it is back on after."""
+    from mesa_lib import devicecheck
+
+    assert_score(check_stamp, my_stamp, capsys, 3)
+    assert_score(check_stamp, cpu_stamp, capsys, 2, "another device")
+    assert devicecheck.enabled()
+    x = torch.zeros(2).to(strict_device)
+    assert x.device == strict_device  # the mode still simulates its device
 
 
 # --------------------------------------------------------------------------- diagnoses
@@ -287,10 +307,12 @@ def test_cpu_only_tensors_lose_the_device_case(capsys):
     (check_valid_mass, lambda f, b, a: gibbs(f, b, a)[f >= b].sum().item(), 1, ["f = beta"]),
     (check_valid_mass, lambda f, b, a: gibbs(f, b, a)[f <= b].sum().item(), 0, ["outside"]),
     (check_anomaly_index, lambda a: (int(a.argmax()), float((a.max() - a.mean()) / a.std())), 0, ["median"]),
+    (check_anomaly_index, lambda a: (int(a.argmax()), float((a.max() - q50(a)) / q50(
+        (a - q50(a)).abs()).clamp(min=1e-3))), 1, ["1.4826"]),
+    (check_anomaly_index, lambda a: (int(a.argmax()), float((a.max() - q50(a)) / (
+        1.4826 * q50((a - q50(a)).abs())))), 2, ["clamp"]),
     (check_anomaly_index, lambda a: (int(a.argmax()), float((a.max() - a.median()) / (
-        a - a.median()).abs().median().clamp(min=1e-3))), 1, ["1.4826"]),
-    (check_anomaly_index, lambda a: (int(a.argmax()), float((a.max() - a.median()) / (
-        1.4826 * (a - a.median()).abs().median()))), 2, ["clamp"]),
+        1.4826 * (a - a.median()).abs().median()).clamp(min=1e-3))), 2, ["torch.median", "two middle values"]),
     (check_retrain_transform, lambda x, y, s, r, g: (retrain_transform(x, y, s, r, g)[0], y * 0), 0, ["labels"]),
     (check_retrain_transform, lambda x, y, s, r, g: (x, y), 0, ["must be stamped"]),
     (check_attack_success, lambda m, i, l, t, tg, g: 100 * asr(m, i, l, t, tg, g), 0, ["percentage"]),
@@ -391,3 +413,175 @@ def test_student_stderr_and_warnings_stay_out_of_the_cell(capsys):
 
     out = assert_score(check_hinge, noisy, capsys, 3, "wrote to stderr", "careful")
     assert "debug" in out
+
+
+# --------------------------------------------------------------------------- chapter 9: the statistics
+def _counts(a, b):
+    lower = sum(x < y for x, y in zip(a, b))
+    higher = sum(x > y for x, y in zip(a, b))
+    return lower, higher
+
+
+def _tail(m, k):
+    return sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
+
+
+def sign_p(a, b):
+    lower, higher = _counts(a, b)
+    m = lower + higher
+    return min(1.0, 2 * _tail(m, min(lower, higher))) if m else 1.0
+
+
+def boot(values, level, n, generator):
+    t = torch.tensor(values, dtype=torch.float64)
+    means = t[torch.randint(0, len(t), (n, len(t)), generator=generator)].mean(1)
+    q = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return q[0].item(), q[1].item()
+
+
+def boot_loop(values, level, n, generator):
+    """Loops and a sorted list instead of torch.quantile: as right, within the Monte Carlo error."""
+    means = sorted(sum(values[int(j)] for j in torch.randint(0, len(values), (len(values),), generator=generator))
+                   / len(values) for _ in range(n))
+    return means[int((1 - level) / 2 * n)], means[min(n - 1, int((1 + level) / 2 * n))]
+
+
+@pytest.mark.parametrize("checker, fn", [(check_sign_test, sign_p), (check_bootstrap_ci, boot)],
+                         ids=["check_sign_test", "check_bootstrap_ci"])
+def test_chapter_checkers_give_full_marks(checker, fn, capsys):
+    score, out = graded(checker, fn, capsys)
+    assert score.full and float(score) == score.max_points, out
+    assert "Correct!" in out and repr(score) == repr(float(score))
+    assert checker(fn).full
+    assert score.name not in checks.POINTS  # a chapter's exercise, not an item of the graded assignment
+    assert checker in (cr.check_sign_test, cr.check_bootstrap_ci)  # exported with the others
+
+
+def test_bootstrap_accepts_other_correct_implementations(capsys):
+    """Another resampling order (a loop, float32, its own quantile rule) differs from the library's
+    interval by Monte Carlo error only, and gets full marks; so does every seed of the generator."""
+    def boot32(values, level, n, generator):
+        t = torch.tensor(values)
+        means = t[torch.randint(0, len(t), (n, len(t)), generator=generator)].mean(1).sort().values
+        return means[int((1 - level) / 2 * n)].item(), means[int((1 + level) / 2 * n) - 1].item()
+
+    assert_score(check_bootstrap_ci, boot32, capsys, 3)
+    for seed in range(15):
+        for case in (checks._boot_case(checks._SKEWED, 0.95, seed=1000 + seed),
+                     checks._boot_case(checks._boot_values(2, 51), 0.9, seed=2000 + seed)):
+            case(boot)
+
+
+@pytest.mark.slow
+def test_bootstrap_accepts_a_python_loop(capsys):
+    assert_score(check_bootstrap_ci, boot_loop, capsys, 3)
+
+
+@pytest.mark.parametrize("checker, fn, name", [
+    (check_sign_test, sign_test, "mesa_lib.sweep.sign_test"),
+    (check_sign_test, lambda a, b: sign_test(a, b)["p"], "mesa_lib.sweep.sign_test"),
+    (check_sign_test, checks.reference_sign_test, "reference_sign_test"),
+    (check_bootstrap_ci, bootstrap_ci, "mesa_lib.sweep.bootstrap_ci"),
+    (check_bootstrap_ci, lambda v, level, n, g: bootstrap_ci(v, level, n), "mesa_lib.sweep.bootstrap_ci"),
+])
+def test_chapter_references_score_zero(checker, fn, name, capsys):
+    out = assert_score(checker, fn, capsys, 0, "reference implementation", name)
+    assert "case 1" not in out
+
+
+def _sign_variant(m_of, k_of, two_sided=True, cap=True):
+    def fn(a, b):
+        lower, higher = _counts(a, b)
+        m, k = m_of(a, lower, higher), k_of(lower, higher)
+        if m == 0:
+            return 1.0
+        p = _tail(m, k) * (2 if two_sided else 1)
+        return min(1.0, p) if cap else p
+    return fn
+
+
+def _untied(a, lower, higher):
+    return lower + higher
+
+
+def _smaller(lower, higher):
+    return min(lower, higher)
+
+
+def _floats_overflow(a, b):
+    lower, higher = _counts(a, b)
+    m, k = lower + higher, min(lower, higher)
+    return min(1.0, 2 * sum(math.comb(m, i) * 0.5 ** m for i in range(k + 1))) if m else 1.0
+
+
+def _normal(a, b):
+    lower, higher = _counts(a, b)
+    m, k = lower + higher, min(lower, higher)
+    z = (k + 0.5 - m / 2) / math.sqrt(m / 4)
+    return min(1.0, 1 + math.erf(z / math.sqrt(2)))
+
+
+def _no_tie_guard(a, b):
+    lower, higher = _counts(a, b)
+    m, k = lower + higher, min(lower, higher)
+    return min(1.0, 2 * _tail(m, k)) / (m / m)  # ZeroDivisionError when every pair ties
+
+
+@pytest.mark.parametrize("fn, points, words", [
+    (_sign_variant(_untied, _smaller, two_sided=False), 0, ["one-sided", "doubles"]),
+    (_sign_variant(lambda a, lo, hi: len(a), _smaller), 0, ["tied pairs", "dropped"]),
+    (_sign_variant(_untied, lambda lo, hi: lo), 3, ["fixed direction", "min(lower, higher)"]),
+    (_sign_variant(_untied, lambda lo, hi: hi), 2, ["fixed direction"]),
+    (_sign_variant(_untied, _smaller, cap=False), 3, ["cannot exceed 1"]),
+    (_sign_variant(_untied, lambda lo, hi: min(lo, hi) - 1), 0, ["include k itself"]),
+    (_floats_overflow, 3, ["overflows", "math.comb(m, i) / 2 ** m"]),
+    (_normal, 0, ["normal approximation"]),
+    (_no_tie_guard, 3, ["m = 0", "p = 1"]),
+    (lambda a, b: {"p": sign_p(a, b)}, 0, ["not a dict"]),
+    (lambda a, b: 1 - sign_p(a, b), 0, ["1 - p"]),
+])
+def test_sign_test_diagnoses(fn, points, words, capsys):
+    assert_score(check_sign_test, fn, capsys, points, *words)
+
+
+def _boot_levels(lo_q, hi_q):
+    def fn(values, level, n, generator):
+        t = torch.tensor(values, dtype=torch.float64)
+        means = t[torch.randint(0, len(t), (n, len(t)), generator=generator)].mean(1)
+        return torch.quantile(means, lo_q(level)).item(), torch.quantile(means, hi_q(level)).item()
+    return fn
+
+
+def _boot_normal(values, level, n, generator):
+    t = torch.tensor(values, dtype=torch.float64)
+    z = math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64)).item()
+    se = (t.std() / math.sqrt(len(t))).item()
+    return t.mean().item() - z * se, t.mean().item() + z * se
+
+
+def _boot_permutations(values, level, n, generator):
+    t = torch.tensor(values, dtype=torch.float64)
+    means = torch.stack([t[torch.randperm(len(t), generator=generator)].mean() for _ in range(100)])
+    return torch.quantile(means, (1 - level) / 2).item(), torch.quantile(means, (1 + level) / 2).item()
+
+
+def _boot_median(values, level, n, generator):
+    t = torch.tensor(values, dtype=torch.float64)
+    med = t[torch.randint(0, len(t), (n, len(t)), generator=generator)].median(1).values
+    return torch.quantile(med, (1 - level) / 2).item(), torch.quantile(med, (1 + level) / 2).item()
+
+
+@pytest.mark.parametrize("fn, points, words", [
+    (_boot_permutations, 0, ["WITH replacement"]),
+    (lambda v, level, n, g: tuple(torch.quantile(torch.tensor(v), torch.tensor([(1 - level) / 2, (1 + level) / 2]))
+                                  .tolist()), 0, ["values themselves", "MEANS"]),
+    (_boot_levels(lambda level: 0.025, lambda level: 0.975), 1, ["95% interval, but level = 0.9"]),
+    (_boot_levels(lambda level: 1 - level, lambda level: level), 0, ["wrong quantiles", "(1 - level) / 2"]),
+    (_boot_normal, 2, ["symmetric normal interval", "skewed"]),
+    (lambda v, level, n, g: boot(v, level, n, None), 2, ["equally seeded", "generator"]),
+    (_boot_median, 0, ["bootstrapped the median"]),
+    (lambda v, level, n, g: tuple(100 * x for x in boot(v, level, n, g)), 0, ["percentages"]),
+    (lambda v, level, n, g: boot(v, level, n, g)[::-1], 0, ["reversed"]),
+])
+def test_bootstrap_diagnoses(fn, points, words, capsys):
+    assert_score(check_bootstrap_ci, fn, capsys, points, *words)

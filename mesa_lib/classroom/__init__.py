@@ -13,6 +13,11 @@ In the assignment notebook (book/10_exercises.ipynb)::
 
     check_stamp(my_stamp)               # a public example, with feedback
     check_stamp(my_stamp, hidden=True)  # the graded cases (hidden from students by nbgrader)
+
+The same checkers back the checked exercises at the end of chapters 2-9 (sphinx-exercise
+blocks with hidden solutions; a ``remove-input`` cell runs each model solution through its
+checker when the book is built). Chapter 9's two, :func:`check_sign_test` and
+:func:`check_bootstrap_ci`, are not items of the graded assignment.
 """
 
 from .checks import (  # noqa: F401
@@ -20,6 +25,7 @@ from .checks import (  # noqa: F401
     POINTS,
     check_anomaly_index,
     check_attack_success,
+    check_bootstrap_ci,
     check_canonical,
     check_dv_bound,
     check_gibbs_optimum,
@@ -27,6 +33,7 @@ from .checks import (  # noqa: F401
     check_mine_step,
     check_mixture_sample,
     check_retrain_transform,
+    check_sign_test,
     check_stamp,
     check_stamp_one,
     check_testing_function,

@@ -26,24 +26,33 @@ check_mine_step             3       :func:`reference_mine_step`
 check_anomaly_index         3       :func:`reference_anomaly_index` (``scan_classes``' rule)
 check_retrain_transform     3       :func:`mesa_lib.defense.stamp_transform`
 check_attack_success        2       :func:`reference_attack_success`
+check_sign_test             4       :func:`mesa_lib.sweep.sign_test` (chapter 9's exercise)
+check_bootstrap_ci          3       :func:`mesa_lib.sweep.bootstrap_ci` (chapter 9's exercise)
 ==========================  ======  =====================================================
+
+The last two are the statistics of the reproduction chapter; they are not items of the
+graded assignment, so :data:`POINTS` (the assignment's points) leaves them out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import numbers
 from functools import lru_cache
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from .. import devicecheck
 from .. import evaluate as _evaluate
 from ..defense import retrain, stamp_transform
 from ..detect import scan_classes
 from ..mesa import StaircaseSampler, _target_softmax, target_probability
 from ..mine import MINE, StatisticsNetwork, dv_bound, log_mean_exp, train_mine
+from ..sweep import bootstrap_ci, sign_test
 from ..toy import ToyLandscape
 from ..triggers import (NUM_PATTERNS, FixedTrigger, _symmetries, canonical_id, pattern_from_id, pattern_id,
                         stamp, symmetry_class)
@@ -54,10 +63,11 @@ __all__ = [
     "paste_at_random",
     "check_stamp_one", "check_stamp", "check_canonical", "check_testing_function", "check_hinge",
     "check_dv_bound", "check_mine_step", "check_mixture_sample", "check_gibbs_optimum", "check_valid_mass",
-    "check_anomaly_index", "check_retrain_transform", "check_attack_success",
+    "check_anomaly_index", "check_retrain_transform", "check_attack_success", "check_sign_test",
+    "check_bootstrap_ci",
     "reference_stamp_one", "reference_testing_function", "reference_hinge_loss", "reference_mine_step",
     "reference_mixture_sample", "reference_gibbs_optimum", "reference_valid_mass", "reference_anomaly_index",
-    "reference_attack_success",
+    "reference_attack_success", "reference_sign_test",
 ]
 
 CORRECT = "Correct!"
@@ -124,6 +134,21 @@ def check_stamp_one(fn: Callable, hidden: bool = False) -> Score:
 
 
 # =========================================================================== 2. batched stamping
+@contextlib.contextmanager
+def _outside_strict_device():
+    """Suspend ``mesa_lib``'s strict-device mode (a chapter run with ``MESA_STRICT_DEVICE=1``)
+    for the device case: that mode simulates its device on the CPU and would turn the ``meta``
+    tensors of the case into host tensors, failing a correct function."""
+    was_on = devicecheck.enabled()
+    if was_on:
+        devicecheck.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            devicecheck.enable()
+
+
 def _stamp_case(seed: int, B: int, C: int, H: int, p: int, on_meta: bool = False) -> Callable:
     def case(fn: Callable) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -166,7 +191,9 @@ def _stamp_case(seed: int, B: int, C: int, H: int, p: int, on_meta: bool = False
             # function meets them in an operation and fails, as it would on a GPU
             m = torch.device("meta")
             try:
-                out_m = fn(images.to(m), triggers.to(m), locations.to(m))
+                with _outside_strict_device():
+                    out_m = fn(images.to(m), triggers.to(m), locations.to(m))
+                    on_m = isinstance(out_m, torch.Tensor) and out_m.device == m
             except NotImplementedError as err:  # some ops have no meta kernel: not the student's fault
                 if "meta" in str(err):
                     return
@@ -176,7 +203,7 @@ def _stamp_case(seed: int, B: int, C: int, H: int, p: int, on_meta: bool = False
                             f"as it would on a GPU): {type(err).__name__}: {str(err)[:160]}; create "
                             "index tensors on the images' device (torch.arange(p, device=images.device))"
                             ) from None
-            if not isinstance(out_m, torch.Tensor) or out_m.device != m:
+            if not on_m:
                 raise Wrong("on another device the result must stay on that device (images.device)")
 
     return case
@@ -906,7 +933,235 @@ def check_attack_success(fn: Callable, hidden: bool = False) -> Score:
                 hidden, forbidden=[_evaluate.attack_success_rate, _evaluate.evaluate_model, reference_attack_success])
 
 
-#: points per item (the number of hidden cases), in the notebook's order
+# =========================================================================== 14. the sign test (chapter 9)
+def _binom_tail(m: int, k: int) -> float:
+    """``P(X <= k)`` for ``X ~ Binomial(m, 1/2)``, from exact integers (no overflow for any m)."""
+    if k < 0:
+        return 0.0
+    return sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
+
+
+def reference_sign_test(a: list[float], b: list[float]) -> float:
+    """The exact two-sided p-value of the paired sign test: tied pairs dropped; of the ``m``
+    untied pairs ``k = min(#a<b, #a>b)``; ``p = min(1, 2 P(X <= k))``, ``X ~ Binomial(m, 1/2)``;
+    ``p = 1`` when every pair is tied. The ``"p"`` of :func:`mesa_lib.sweep.sign_test`."""
+    lower = sum(x < y for x, y in zip(a, b))
+    higher = sum(x > y for x, y in zip(a, b))
+    m = lower + higher
+    return min(1.0, 2 * _binom_tail(m, min(lower, higher))) if m else 1.0
+
+
+def _number(out: Any, what: str) -> float:
+    """The student's result as a float, or a :class:`Wrong` that says what it was."""
+    if isinstance(out, torch.Tensor):
+        if out.numel() != 1:
+            raise Wrong(f"return one number ({what}), got a tensor of shape {tuple(out.shape)}")
+        out = out.item()
+    if isinstance(out, dict):
+        raise Wrong(f"return {what} alone, as a number (not a dict)")
+    if isinstance(out, bool) or not isinstance(out, numbers.Real):
+        raise Wrong(f"return {what} as a number, got {type(out).__name__}")
+    return float(out)
+
+
+def _normal_p(m: int, k: int, correction: bool) -> float:
+    z = (k + (0.5 if correction else 0.0) - m / 2) / math.sqrt(m / 4)
+    return min(1.0, 2 * 0.5 * math.erfc(-z / math.sqrt(2)))
+
+
+def _paired(seed: int, lower: int, higher: int, ties: int) -> tuple[list[float], list[float]]:
+    """Paired ASR-like values (multiples of 1/2000) with the given numbers of a < b, a > b, a == b,
+    in a shuffled order."""
+    g = torch.Generator().manual_seed(seed)
+    n = lower + higher + ties
+    signs = torch.tensor([-1] * lower + [1] * higher + [0] * ties)[torch.randperm(n, generator=g)]
+    base = torch.randint(150, 1800, (n,), generator=g)
+    step = torch.randint(1, 150, (n,), generator=g)
+    a = [int(v) / 2000 for v in base]
+    b = [int(v - s * d) / 2000 for v, s, d in zip(base, signs, step)]  # s = -1: a < b
+    return a, b
+
+
+def _sign_case(seed: int, lower: int, higher: int, ties: int, all_tied: bool = False) -> Callable:
+    def case(fn: Callable) -> None:
+        a, b = _paired(seed, lower, higher, ties)
+        a0, b0 = list(a), list(b)
+        n, m, k = len(a), lower + higher, min(lower, higher)
+        try:
+            out = _number(call(fn, a, b), "the p-value")
+        except Wrong as err:
+            if m > 1000 and "Overflow" in str(err):
+                raise Wrong(f"with {m} untied pairs your function overflows ({err}): 2.0 ** m or a binomial "
+                            "coefficient converted to a float leaves the float range beyond about 1000 pairs; "
+                            "divide exact Python integers (math.comb(m, i) / 2 ** m) or work in log space "
+                            "(math.lgamma)") from None
+            raise
+        if a != a0 or b != b0:
+            raise Wrong("you modified the input lists in place; work on copies")
+        want = sign_test(a, b)["p"]
+        if not math.isfinite(out):
+            raise Wrong(f"the p-value is {out} for {m} untied pairs")
+        if not math.isclose(out, want, rel_tol=1e-7, abs_tol=1e-12):
+            one_sided = _binom_tail(m, k)
+            directional = [_binom_tail(m, c) for c in (lower, higher) if c != k]
+            if out > 1 + 1e-9:
+                raise Wrong(f"a p-value cannot exceed 1 (got {out:.4g}): cap the doubled tail, "
+                            "p = min(1, 2 * P(X <= k))")
+            if math.isclose(out, one_sided, rel_tol=1e-7, abs_tol=1e-12):
+                raise Wrong("this is the one-sided p-value (the smaller tail); the two-sided test doubles it: "
+                            "p = min(1, 2 * P(X <= k))")
+            if any(math.isclose(out, v, rel_tol=1e-7) or math.isclose(out, min(1.0, 2 * v), rel_tol=1e-7)
+                   for v in directional):
+                raise Wrong("you took the tail in a fixed direction (counting the pairs with a < b, or with "
+                            "a > b); a two-sided test uses the SMALLER of the two counts, k = min(lower, higher)")
+            if ties and any(math.isclose(out, v, rel_tol=1e-7, abs_tol=1e-12) for v in (
+                    min(1.0, 2 * _binom_tail(n, k)), _binom_tail(n, k), min(1.0, 2 * _binom_tail(n, k + ties)),
+                    min(1.0, 2 * _binom_tail(n, k + ties // 2)))):
+                raise Wrong(f"tied pairs (a == b, {ties} here) must be dropped: the test counts only the "
+                            "m pairs that differ (m = lower + higher), since a tie says nothing about the direction")
+            if math.isclose(out, min(1.0, 2 * _binom_tail(m, k - 1)), rel_tol=1e-7, abs_tol=1e-12):
+                raise Wrong("the tail must include k itself: P(X <= k) sums the binomial probabilities of "
+                            "i = 0, 1, ..., k")
+            if any(math.isclose(out, _normal_p(m, k, c), rel_tol=1e-6, abs_tol=1e-12) for c in (False, True)):
+                raise Wrong("this is the normal approximation; the exact test sums binomial probabilities "
+                            "C(m, i) / 2^m over i = 0..k")
+            if math.isclose(out, 1 - want, rel_tol=1e-7, abs_tol=1e-12):
+                raise Wrong("you returned 1 - p; the p-value is the (doubled) tail probability itself")
+            if m > 1000:
+                raise Wrong(f"inaccurate with {m} untied pairs: expected p = {want:.6g}, got {out:.6g}; "
+                            "compute in float64 from exact integers (math.comb) or in log space")
+            raise Wrong(f"wrong p-value: expected {want:.6g}, got {out:.6g}")
+        if all_tied:
+            try:
+                same = _number(call(fn, a0, list(a0)), "the p-value")
+            except Wrong as err:
+                raise Wrong("when every pair is tied there is no untied pair (m = 0) and no evidence either "
+                            f"way: return p = 1 ({err})") from None
+            if not (math.isfinite(same) and math.isclose(same, 1.0)):
+                raise Wrong(f"when every pair is tied (m = 0) there is no evidence either way: p = 1, got {same}")
+
+    return case
+
+
+def check_sign_test(fn: Callable, hidden: bool = False) -> Score:
+    """``fn(a, b) -> p``: the exact two-sided p-value of the paired sign test of two equally long
+    lists (ties dropped; ``p = 1`` when all pairs tie). Reference: :func:`mesa_lib.sweep.sign_test`."""
+    return _run("sign test", fn,
+                [_sign_case(100, 6, 2, 1)],
+                [_sign_case(0, 3, 14, 4), _sign_case(1, 11, 2, 2), _sign_case(2, 6, 6, 3, all_tied=True),
+                 _sign_case(3, 520, 590, 30)],
+                hidden, forbidden=[sign_test, reference_sign_test])
+
+
+# =========================================================================== 15. the bootstrap (chapter 9)
+_BOOT_REF_N = 200_000  # resamples of the checker's own intervals: their Monte Carlo error is negligible
+
+
+def _boot(values: list[float], q_lo: float, q_hi: float, stat: str = "mean") -> tuple[float, float]:
+    """Quantiles ``q_lo``, ``q_hi`` of the bootstrap distribution of the mean (or median)."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    idx = torch.randint(0, len(t), (_BOOT_REF_N, len(t)), generator=torch.Generator().manual_seed(7))
+    r = t[idx]
+    s = {"mean": lambda: r.mean(1), "median": lambda: r.quantile(0.5, dim=1),
+         "lower median": lambda: r.median(1).values}[stat]()
+    q = torch.quantile(s, torch.tensor([q_lo, q_hi], dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
+def _interval(out: Any) -> tuple[float, float]:
+    if isinstance(out, torch.Tensor):
+        if out.numel() != 2:
+            raise Wrong(f"return a pair (lower, upper), got a tensor of shape {tuple(out.shape)}")
+        out = out.flatten().tolist()
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise Wrong("return a pair (lower, upper)")
+    return _number(out[0], "the lower end"), _number(out[1], "the upper end")
+
+
+_SKEWED = [0.004, 0.006, 0.007, 0.008, 0.01, 0.012, 0.015, 0.02, 0.03, 0.05, 0.12, 0.31]
+"""Twelve ASR-like values with a long right tail: their mean's bootstrap distribution is skewed, so
+a percentile interval is not symmetric about the mean."""
+
+
+def _boot_values(seed: int, n: int) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    return [round(float(v), 4) for v in 0.3 * torch.rand(n, generator=g, dtype=torch.float64) ** 3]
+
+
+def _boot_case(values: list[float], level: float, n: int = 40_000, seed: int = 0, repeat: bool = False,
+               constant: bool = False) -> Callable:
+    def case(fn: Callable) -> None:
+        v0 = list(values)
+        lo, hi = _interval(call(fn, v0, level, n, torch.Generator().manual_seed(seed)))
+        if v0 != values:
+            raise Wrong("you modified the input list in place; work on a copy")
+        t = torch.tensor(values, dtype=torch.float64)
+        se = float(t.std() / math.sqrt(len(t)))
+        tol = 0.15 * se + 1e-9  # about six times the Monte Carlo error of n resamples
+        want = bootstrap_ci(values, level, n=_BOOT_REF_N, seed=seed + 11)
+
+        def near(iv: tuple[float, float]) -> bool:
+            return abs(lo - iv[0]) <= tol and abs(hi - iv[1]) <= tol
+
+        if not near(want):
+            mean = float(t.mean())
+            tails = ((1 - level) / 2, (1 + level) / 2)
+            if lo > hi:
+                raise Wrong("the interval is reversed: return (lower, upper)")
+            if abs(hi - lo) < 1e-12:
+                raise Wrong("every resampled mean was the same: resample WITH replacement (indices from "
+                            "torch.randint(0, len(values), (n, len(values)), generator=generator)); a "
+                            "permutation of the values has the same mean")
+            vq = torch.quantile(t, torch.tensor(tails, dtype=torch.float64))
+            if near((float(vq[0]), float(vq[1]))):
+                raise Wrong("these are quantiles of the values themselves; the interval is made of quantiles of "
+                            "the n resampled MEANS")
+            if abs(lo - 100 * want[0]) <= 100 * tol and abs(hi - 100 * want[1]) <= 100 * tol:
+                raise Wrong("return fractions, on the scale of the values, not percentages")
+            if level != 0.95 and near(_boot(values, 0.025, 0.975)):
+                raise Wrong(f"this is a 95% interval, but level = {level}: leave (1 - level) / 2 in each tail")
+            if near(_boot(values, 1 - level, level)) or near(_boot(values, level / 2, 1 - level / 2)):
+                raise Wrong(f"wrong quantiles: a {level:.0%} interval leaves (1 - level) / 2 of the resampled "
+                            f"means in each tail, so take the quantiles {tails[0]:g} and {tails[1]:g}")
+            z = math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64)).item()
+            for s in (se, float(t.std(unbiased=False) / math.sqrt(len(t)))):
+                if near((mean - z * s, mean + z * s)):
+                    raise Wrong("this is the symmetric normal interval mean +- z * SE; the percentile bootstrap "
+                                "takes the quantiles of the resampled means, which are not symmetric about "
+                                "the mean for skewed values like these")
+            if near(_boot(values, *tails, stat="median")) or near(_boot(values, *tails, stat="lower median")):
+                raise Wrong("you bootstrapped the median; the interval is for the MEAN of the values")
+            raise Wrong(f"expected about ({want[0]:.4f}, {want[1]:.4f}) (within {tol:.1g}, the Monte Carlo "
+                        f"error of {n} resamples), got ({lo:.4f}, {hi:.4f})")
+        if repeat:
+            again = _interval(call(fn, list(values), level, n, torch.Generator().manual_seed(seed)))
+            if again != (lo, hi):
+                raise Wrong("two calls with equally seeded generators gave different intervals: draw the "
+                            "resamples with the generator (torch.randint(..., generator=generator))")
+        if constant:
+            c = [values[0]] * 9
+            lo_c, hi_c = _interval(call(fn, c, level, 1000, torch.Generator().manual_seed(seed)))
+            if not (math.isclose(lo_c, c[0], rel_tol=1e-5) and math.isclose(hi_c, c[0], rel_tol=1e-5)):
+                raise Wrong(f"for nine equal values {c[0]} every resampled mean is {c[0]}, so the interval is "
+                            f"({c[0]}, {c[0]}); got ({lo_c:.6g}, {hi_c:.6g})")
+
+    return case
+
+
+def check_bootstrap_ci(fn: Callable, hidden: bool = False) -> Score:
+    """``fn(values, level, n, generator) -> (lower, upper)``: the percentile bootstrap interval of
+    the mean of ``values`` from ``n`` resamples with replacement drawn with ``generator``.
+    Reference: :func:`mesa_lib.sweep.bootstrap_ci`; intervals within about six times the Monte
+    Carlo error of ``n`` resamples count as equal."""
+    return _run("bootstrap interval", fn,
+                [_boot_case(_boot_values(100, 20), 0.95, seed=100)],
+                [_boot_case(_SKEWED, 0.95, seed=1), _boot_case(_boot_values(2, 51), 0.9, seed=2, repeat=True),
+                 _boot_case(_SKEWED, 0.8, seed=3, constant=True)],
+                hidden, forbidden=[bootstrap_ci])
+
+
+#: points per item of the graded assignment (the number of hidden cases), in the notebook's order;
+#: the chapters' own checkers (check_sign_test, check_bootstrap_ci) are not items of it
 POINTS = {
     "stamp one image": 2, "batched stamping": 3, "51 patterns": 2, "testing function f": 2, "hinge": 3,
     "Gibbs optimum": 3, "mass inside X_beta": 2, "staircase mixture sampler": 3, "DV bound": 3,
