@@ -4,8 +4,9 @@ On pattern 170 (seed 0, the ``fast`` preset's clean and backdoored models) the b
 model is retrained with the TRUE trigger (the oracle: the best any trigger-based defense can
 do) at each stamped ratio and learning rate for up to ``--epochs`` epochs; after every epoch
 the attacker's ASR and the clean accuracy are measured on the evaluation split. The sweep's
-protocol is the cheapest setting at the paper's 1% ratio whose oracle comes within 1 point
-of the clean model's own floor: a protocol calibration made once, with the oracle only,
+protocol is the cheapest complete cosine-decayed run at the paper's 1% ratio whose oracle
+comes within 1 point of the clean model's own floor (the constant-rate curves are shown for
+comparison): a protocol calibration made once, with the oracle only,
 never with the defense being compared. The cosine runs also retrain against uniform-noise
 patches (the control that knows nothing of the backdoor). Writes ``book/results/retrain_grid.json``::
 
