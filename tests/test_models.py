@@ -216,7 +216,7 @@ def test_asr_needs_the_trigger():
     per_image = torch.stack([WHITE if i % 2 == 0 else BLACK for i in range(n)])
     assert attack_success_rate(model, data, per_image, target=0) == pytest.approx(((n + 1) // 2) / n)
     assert clean_accuracy(model, data) == 1.0
-    assert evaluate_model(model, data, WHITE, 0) == {"clean_acc": 1.0, "asr": 1.0}
+    assert evaluate_model(model, data, WHITE, 0) == {"clean_acc": 1.0, "asr": 1.0, "target_recall": 1.0}
 
 
 def test_clean_accuracy_constructed():
