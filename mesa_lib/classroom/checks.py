@@ -767,7 +767,7 @@ def _anomaly_case(values: list[float]) -> Callable:
         mad = torch.quantile((a - med).abs(), 0.5)
         if math.isclose(idx, float((a[want_top] - med) / mad.clamp(min=1e-3)), rel_tol=1e-6):
             raise Wrong("missing the consistency constant: the robust standard deviation is 1.4826 x MAD")
-        low, low_mad = asr.median(), None
+        low = asr.median()  # torch.median: the lower middle value of an even count
         low_mad = (a - low).abs().median()
         if math.isclose(idx, float((a[want_top] - low) / (1.4826 * low_mad).clamp(min=1e-3)), rel_tol=1e-6):
             raise Wrong("torch.median returns the LOWER middle value of an even count; the median of 10 "
