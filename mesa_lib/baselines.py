@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import ImageSet
 from .mesa import frozen
 from .triggers import stamp
-from .validate import check_images, finite_number, positive_int
+from .validate import finite_number, image_tensor, positive_int
 
 __all__ = ["reverse_engineer_triggers", "reverse_engineer_trigger"]
 
@@ -45,17 +45,13 @@ def reverse_engineer_triggers(
             are not float32, finite and in ``[0, 1]``, a trigger larger than the images, or a
             target outside the classifier's classes.
     """
-    images = data.images if isinstance(data, ImageSet) else data
     device = next(classifier.parameters()).device
     n_triggers = positive_int("n_triggers", n_triggers)
     steps = positive_int("steps", steps)
     batch_size = positive_int("batch_size", batch_size)
     trigger_size = positive_int("trigger_size", trigger_size)
     finite_number("lr", lr, 0.0, strict=True)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"data must hold non-empty [N, C, H, W] images, got {shape}")
-    check_images(images, "reverse-engineering images")
+    images = image_tensor(data, "reverse-engineering images")
     images = images.to(device)
     C = images.shape[1]
     if trigger_size > images.shape[-1]:

@@ -35,7 +35,7 @@ from .common import seeded
 from .data import ImageSet
 from .mine import MINE
 from .triggers import stamp
-from .validate import check_images, check_target, finite_number, num_classes, positive_int
+from .validate import check_target, finite_number, image_tensor, num_classes, positive_int
 
 __all__ = [
     "MesaConfig",
@@ -402,11 +402,7 @@ def train_mesa(
     config = MesaConfig() if config is None else config
     if not isinstance(config, MesaConfig):
         raise ValueError(f"config must be a MesaConfig, got {type(config).__name__}")
-    images = data.images if isinstance(data, ImageSet) else data
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"data must hold non-empty [N, C, H, W] images, got {shape}")
-    check_images(images, "MESA's images")
+    images = image_tensor(data, "MESA's images")
     device = next(classifier.parameters()).device
     images = images.to(device)
     n_classes = num_classes(classifier, images)

@@ -34,7 +34,7 @@ from .common import median
 from .data import ImageSet
 from .mesa import frozen
 from .models import BatchTransform, train_classifier
-from .validate import check_images, check_target, check_trigger, finite_number, num_classes, positive_int
+from .validate import check_target, check_trigger, finite_number, image_tensor, num_classes, positive_int
 
 __all__ = [
     "NCConfig",
@@ -116,11 +116,7 @@ def reverse_engineer_masks(
     config = NCConfig() if config is None else config
     if not isinstance(config, NCConfig):
         raise ValueError(f"config must be an NCConfig, got {type(config).__name__}")
-    images = data.images if isinstance(data, ImageSet) else data
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"data must hold non-empty [N, C, H, W] images, got shape {shape}")
-    check_images(images, "Neural Cleanse images")
+    images = image_tensor(data, "Neural Cleanse images")
     device = next(classifier.parameters()).device
     images = images.to(device)
     n_classes = num_classes(classifier, images)

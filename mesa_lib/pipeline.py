@@ -37,7 +37,7 @@ from .common import __version__, atomic_write_text, check_writable, code_fingerp
 from .attack import inject_backdoor
 from .validate import check_target
 from .baselines import reverse_engineer_triggers
-from .data import DatasetSplits, cache_dir, load_dataset
+from .data import DatasetSplits, ImageSet, cache_dir, load_dataset
 from .defense import retrain
 from .detect import defender_halves, scan_classes
 from .evaluate import FIRE_THRESHOLD, asr_per_trigger, evaluate_model, residual_summary, residual_valid_set
@@ -56,6 +56,9 @@ __all__ = [
     "data_fingerprint",
     "state_fingerprint",
     "run_pipeline",
+    "run_config",
+    "provenance",
+    "detect_target",
     "write_json",
     "Protocol",
     "protocols",
@@ -337,7 +340,7 @@ def run_pipeline(
 
     search, check = defender_halves(splits.model, seed)
     with run.stage("detection", save=True):
-        res["detection"] = _detect(backdoored, search, check, preset, seed, progress)
+        res["detection"] = detect_target(backdoored, search, check, preset, seed, progress)
     defended = res["detection"]["detected_target"]
     res["defended_target"] = defended
     res["target_detected"] = defended == target
@@ -439,24 +442,32 @@ class _Run:
         return self.result
 
 
-def run_config(splits: DatasetSplits, preset: Preset, pattern: int, color_seed: int | None,
-               trigger: torch.Tensor, target: int, seed: int, device: torch.device) -> dict:
-    """What a results line records about how it was made: the settings, and the code
-    (fingerprint, git commit and dirty flag), torch version and thread count, so that it can
-    be re-derived exactly."""
-    stamped = None if color_seed is not None else pattern_id(trigger[0])
+def provenance(splits: DatasetSplits, preset: Preset, seed: int, device: torch.device) -> dict:
+    """How a result was made, apart from the attack: dataset, seed, device, the preset's
+    settings, and the code (fingerprint, git commit and dirty flag), torch version and thread
+    count, so that it can be re-derived exactly."""
     return {
-        "dataset": splits.name, "pattern": pattern if color_seed is None else None, "stamped_pattern": stamped,
-        "color_seed": color_seed, "target": target, "seed": seed, "device": str(device),
-        "preset": preset.to_dict(), "mesa_lib": __version__, "torch": torch.__version__,
-        "code": code_fingerprint(), "git": git_state(), "torch_threads": torch.get_num_threads(),
+        "dataset": splits.name, "seed": seed, "device": str(device), "preset": preset.to_dict(),
+        "mesa_lib": __version__, "torch": torch.__version__, "code": code_fingerprint(), "git": git_state(),
+        "torch_threads": torch.get_num_threads(),
     }
 
 
-def _detect(backdoored: nn.Module, search, check, preset: Preset, seed: int, progress: bool) -> dict:
+def run_config(splits: DatasetSplits, preset: Preset, pattern: int, color_seed: int | None,
+               trigger: torch.Tensor, target: int, seed: int, device: torch.device) -> dict:
+    """What a results line records about how it was made: the attack (pattern or colour
+    seed, the stamped pattern, the target) and its :func:`provenance`."""
+    stamped = None if color_seed is not None else pattern_id(trigger[0])
+    return {"pattern": pattern if color_seed is None else None, "stamped_pattern": stamped,
+            "color_seed": color_seed, "target": target, **provenance(splits, preset, seed, device)}
+
+
+def detect_target(backdoored: nn.Module, search: ImageSet, check: ImageSet, preset: Preset, seed: int = 0,
+                  progress: bool = False) -> dict:
     """The target-class scan with the preset's detection settings: triggers searched on the
-    defender's search half, their ASR scored on the held-out check half; the result carries
-    the book's decision (``flagged``, :data:`~mesa_lib.detect.RULE`)."""
+    defender's search half, their ASR scored on the held-out check half
+    (:func:`~mesa_lib.detect.defender_halves`); the result carries the book's decision
+    (``flagged``, :data:`~mesa_lib.detect.RULE`)."""
     det_cfg = dataclasses.replace(preset.mesa, steps=preset.detect_steps, batch_size=preset.detect_batch)
     return scan_classes(backdoored, search, check, det_cfg, beta=preset.detect_beta,
                         seed=seed, progress=progress).to_dict()

@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .data import DatasetSplits, load_dataset
-from .evaluate import evaluate_model
+from .evaluate import clean_accuracy
 from .neural_cleanse import NCConfig, detect_backdoor, reverse_engineer_masks, unlearn
 from .common import check_writable, code_fingerprint, git_state, median, torch_threads
 from .detect import RULE
@@ -546,17 +546,24 @@ def arm_result(line: dict, arm: str, protocol: str = "headline") -> dict | None:
     src = line if protocol == "headline" else line.get("second", {})
     if arm in ("point_median", "point_worst"):
         starts = src.get("point_starts")
-        if not starts:
-            return None
-        pick = (lambda v, worse_high: float(median(torch.tensor(v, dtype=torch.float64)))) if arm == "point_median" else \
-            (lambda v, worse_high: max(v) if worse_high else min(v))
-        return {"asr": pick([s["asr"] for s in starts], True),
-                "clean_acc": pick([s["clean_acc"] for s in starts], False),
-                "target_recall": (pick([s["target_recall"] for s in starts], False)
-                                  if all(s.get("target_recall") is not None for s in starts) else None),
-                "residual": {k: pick([s["residual"][k] for s in starts], True)
-                             for k in ("fired", "mean_fired_before", "max")}}
+        return _over_starts(starts, worst=arm == "point_worst") if starts else None
     return src.get(arm)
+
+
+def _over_starts(starts: Sequence[dict], worst: bool) -> dict:
+    """Metric by metric over the point starts: the worst (highest ASR and residual, lowest
+    accuracy and recall) or the median."""
+    def pick(values: list[float], higher_is_worse: bool) -> float:
+        if not worst:
+            return float(median(torch.tensor(values, dtype=torch.float64)))
+        return max(values) if higher_is_worse else min(values)
+
+    recalls = [s.get("target_recall") for s in starts]
+    return {"asr": pick([s["asr"] for s in starts], True),
+            "clean_acc": pick([s["clean_acc"] for s in starts], False),
+            "target_recall": pick(recalls, False) if None not in recalls else None,
+            "residual": {k: pick([s["residual"][k] for s in starts], True)
+                         for k in ("fired", "mean_fired_before", "max")}}
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -631,21 +638,17 @@ def control_line(seed: int, splits: DatasetSplits, preset: Preset | str = "fast"
     as in the sweep (search half / check half of the modelling split), and whether the book's
     rule (:data:`~mesa_lib.detect.RULE`) or NC's flag would call it backdoored: a false positive."""
     from .detect import defender_halves
-    from .pipeline import _detect, run_config
+    from .pipeline import detect_target, provenance
 
     preset = get_preset(preset)
     nc = _nc_config(preset, nc)
     t0 = time.perf_counter()
     clean = get_clean_model(splits, preset, seed, use_cache=True, progress=progress)
     search, check = defender_halves(splits.model, seed)
-    det = _detect(clean, search, check, preset, seed, progress)
+    det = detect_target(clean, search, check, preset, seed, progress)
     ncd = detect_backdoor(reverse_engineer_masks(clean, search, nc, seed=seed, progress=progress)).to_dict()
-    trigger = torch.zeros(splits.channels, 3, 3, device=splits.device)
-    cfg = run_config(splits, preset, 0, None, trigger, 0, seed, splits.device)
-    for k in ("pattern", "stamped_pattern", "color_seed", "target"):
-        cfg.pop(k)
-    cfg["nc"] = nc.to_dict()
-    return {"seed": seed, "clean_acc": evaluate_model(clean, splits.eval, trigger, 0)["clean_acc"],
+    cfg = {**provenance(splits, preset, seed, splits.device), "nc": nc.to_dict()}
+    return {"seed": seed, "clean_acc": clean_accuracy(clean, splits.eval),
             "detection": det, "nc_detection": ncd, "mesa_false_positive": bool(det["flagged"]),
             "nc_false_positive": bool(ncd["flagged"]), "seconds": round(time.perf_counter() - t0, 1), "config": cfg}
 

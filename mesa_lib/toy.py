@@ -49,6 +49,18 @@ class ToyLandscape:
         return pts, self.f(pts)
 
 
+def _cells_hit(samples: torch.Tensor, landscape: ToyLandscape, beta: float, grid: int):
+    """For samples against ``X_beta`` on a ``grid x grid`` grid: which samples lie inside, the
+    cell centres, which cells' centres lie in ``X_beta``, and which cells hold a sample inside."""
+    s = samples.detach().cpu().reshape(-1, 2)
+    inside = landscape.f(s) > beta
+    pts, fv = landscape.grid(grid)
+    cell = (s[inside].clamp(0, 1 - 1e-6) * grid).long()
+    hit = torch.zeros(grid * grid, dtype=torch.bool)
+    hit[cell[:, 1] * grid + cell[:, 0]] = True
+    return inside, pts, fv > beta, hit
+
+
 def staircase_quality(samples: torch.Tensor, landscape: ToyLandscape, beta: float, grid: int = 25) -> dict:
     """Precision and coverage of samples against the exact valid set ``X_beta``.
 
@@ -56,13 +68,7 @@ def staircase_quality(samples: torch.Tensor, landscape: ToyLandscape, beta: floa
     * coverage: fraction of the grid cells whose centre lies in ``X_beta`` that hold at
       least one sample inside ``X_beta`` (how much of the set the samples spread over).
     """
-    s = samples.detach().cpu().reshape(-1, 2)
-    inside = landscape.f(s) > beta
-    pts, fv = landscape.grid(grid)
-    valid_cells = fv > beta
-    cell = (s[inside].clamp(0, 1 - 1e-6) * grid).long()
-    hit = torch.zeros(grid * grid, dtype=torch.bool)
-    hit[cell[:, 1] * grid + cell[:, 0]] = True
+    inside, pts, valid_cells, hit = _cells_hit(samples, landscape, beta, grid)
     covered = (hit & valid_cells).sum().item()
     return {
         "beta": beta,
@@ -133,13 +139,7 @@ def bump_coverage(samples: torch.Tensor, landscape: ToyLandscape, beta: float, g
     two-disc set can pass a pooled threshold; this tells the discs apart (``nan`` for a bump
     whose disc holds no cell of ``X_beta``).
     """
-    s = samples.detach().cpu().reshape(-1, 2)
-    inside = landscape.f(s) > beta
-    pts, fv = landscape.grid(grid)
-    valid_cells = fv > beta
-    cell = (s[inside].clamp(0, 1 - 1e-6) * grid).long()
-    hit = torch.zeros(grid * grid, dtype=torch.bool)
-    hit[cell[:, 1] * grid + cell[:, 0]] = True
+    inside, pts, valid_cells, hit = _cells_hit(samples, landscape, beta, grid)
     c = torch.tensor(landscape.centers, dtype=pts.dtype)
     nearest = ((pts[:, None, :] - c) ** 2).sum(-1).argmin(1)  # [grid*grid]
     out = []

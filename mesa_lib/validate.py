@@ -88,6 +88,17 @@ def check_images(images: torch.Tensor, what: str = "images") -> None:
                          "scale pixels to [0, 1] (e.g. uint8 / 255)")
 
 
+def image_tensor(data: object, what: str = "images") -> torch.Tensor:
+    """The images of ``data`` (an :class:`~mesa_lib.data.ImageSet` or a tensor), checked: a
+    non-empty float32 ``[N, C, H, W]`` tensor of finite values in ``[0, 1]``."""
+    images = getattr(data, "images", data)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{what} must be non-empty [N, C, H, W] images, got {shape}")
+    check_images(images, what)
+    return images
+
+
 def check_trigger(trigger: torch.Tensor, what: str = "trigger", channels: int | None = None) -> None:
     """A trigger (``[C, p, p]`` or ``[N, C, p, p]``) of finite values in ``[0, 1]``, with 1 or
     ``channels`` channels when ``channels`` is given."""
