@@ -5,11 +5,13 @@ repository in Colab and does nothing anywhere else; chapter_setup downloads the 
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import subprocess
 import sys
 import types
+import venv
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,53 @@ def test_chapter_setup_strict_device(monkeypatch):
         assert devicecheck.enabled() and seen["device"] == devicecheck.SIM_DEVICE
     finally:
         devicecheck.disable()
+
+
+def notebook_imports() -> set[str]:
+    """The top-level modules that the notebooks' code cells import, outside the standard library."""
+    names: set[str] = set()
+    for nb in NOTEBOOKS:
+        for cell in json.loads(nb.read_text())["cells"]:
+            if cell["cell_type"] != "code":
+                continue
+            for node in ast.walk(ast.parse("".join(cell["source"]))):
+                if isinstance(node, ast.Import):
+                    names |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names}
+
+
+def test_notebook_imports_are_found():
+    assert {"mesa_lib", "torch", "matplotlib", "ipywidgets", "myst_nb"} <= notebook_imports()
+
+
+def test_install_cell_in_a_fresh_venv(tmp_path):
+    """The install cell, run as in Colab in a fresh virtual environment that has nothing but
+    pip, installs everything the notebooks import. The cell is the notebooks' own, with the
+    GitHub address replaced by this checkout's committed HEAD (``git+file://``: the same kind
+    of requirement, installed by pip the same way); then every module that any notebook
+    imports is imported there, with ``mesa_lib.book.chapter_setup``, and ``pip check`` passes."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout: the cell installs from a git repository")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    url, branch = colab_cells.repository()
+    cell = colab_cells.cell_source(url, branch)
+    # file://localhost/...: pip reads file:///... followed by @rev as a local path
+    local = cell.replace(f"git+{url}@{branch}", f"git+file://localhost{ROOT.as_posix()}@{head.stdout.strip()}")
+    assert local != cell
+    run_cell = ("import sys, types\n"
+                "sys.modules['google.colab'] = types.ModuleType('google.colab')  # as in Colab\n" + local)
+    done = subprocess.run([str(py), "-c", run_cell], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    modules = sorted(notebook_imports())
+    probe = "\n".join([f"import {m}" for m in modules] + ["from mesa_lib.book import chapter_setup",
+                                                            "print('imported', len(sys.modules))"])
+    imported = subprocess.run([str(py), "-c", "import sys\n" + probe], capture_output=True, text=True,
+                              timeout=600)
+    assert imported.returncode == 0, (modules, imported.stderr[-3000:])
+    check = subprocess.run([str(py), "-m", "pip", "check"], capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0, check.stdout[-3000:]
