@@ -14,10 +14,13 @@ per image.
 * :func:`plot_training_history` -- MESA's curves per sub-model (from :func:`~mesa_lib.train_staircase`).
 * :func:`bar_per_class` -- one bar per class, one of them highlighted (detection scans, ASRs).
 * :func:`table` -- a small table (HTML in notebooks and the book, no pandas needed).
+* :func:`trigger_painter_html` -- a 3x3 trigger painter that runs in the browser alone, from
+  the precomputed ASRs of all 512 patterns (works in the static HTML book, without a kernel).
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 import numbers
@@ -31,7 +34,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
-from .triggers import NUM_PATTERNS, canonical_patterns, patterns_tensor
+from .triggers import NUM_PATTERNS, canonical_id, canonical_patterns, patterns_tensor
 
 __all__ = [
     "show_images",
@@ -43,6 +46,7 @@ __all__ = [
     "plot_training_history",
     "bar_per_class",
     "table",
+    "trigger_painter_html",
 ]
 
 
@@ -340,3 +344,59 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], floatfmt: str =
         return format(v, floatfmt) if isinstance(v, float) else str(v)
 
     return Table([[cell(v) for v in r] for r in rows], headers)
+
+
+def trigger_painter_html(asr: torch.Tensor | Sequence[float], start: int, n_images: int, target: str) -> str:
+    """A self-contained HTML trigger painter: a 3x3 grid of pixels (click to flip black/white)
+    and a readout of the pattern's id, its symmetry class and its ASR, looked up in ``asr``
+    (``[512]``, pattern-id order, e.g. from :func:`~mesa_lib.evaluate.residual_valid_set`).
+
+    Everything is in the HTML (the 512 values and a few lines of JavaScript), so the painter
+    works in the static HTML book, in JupyterLab and in Colab, with no kernel behind it.
+    Pixel ``k`` (row by row) is bit ``8 - k`` of the id, as in
+    :func:`~mesa_lib.triggers.pattern_id`. ``start`` is the pattern drawn first; ``n_images``
+    and ``target`` are only for the readout's wording.
+    """
+    values = torch.as_tensor(asr, dtype=torch.float64).detach().cpu().flatten()
+    if values.numel() != NUM_PATTERNS or not bool(torch.isfinite(values).all()):
+        raise ValueError(f"asr must hold {NUM_PATTERNS} finite values (one per pattern id), got {values.numel()}")
+    if not 0 <= int(start) < NUM_PATTERNS:
+        raise ValueError(f"start must be a pattern id in 0..{NUM_PATTERNS - 1}, got {start}")
+    table_js = ",".join(f"{v:.4f}" for v in values.tolist())
+    uid = f"mesa-painter-{int(start)}-{hashlib.sha1(table_js.encode()).hexdigest()[:8]}"
+    canon_js = ",".join(str(canonical_id(i)) for i in range(NUM_PATTERNS))
+    pixels = "".join(f'<button type="button" class="px" data-k="{k}" aria-label="pixel {k + 1}"></button>'
+                     for k in range(9))
+    return f"""<div class="mesa-painter" id="{uid}" data-pattern="{int(start)}">
+<style>
+#{uid} {{display:flex;align-items:center;gap:1.2em}}
+#{uid} .grid {{display:grid;grid-template-columns:repeat(3,46px);gap:2px}}
+#{uid} .px {{width:46px;height:46px;background:#000;border:1px solid #888;padding:0;cursor:pointer}}
+#{uid} .px.on {{background:#fff}}
+</style>
+<div class="grid">{pixels}</div>
+<p class="readout">(the painter needs JavaScript)</p>
+<script>
+(function () {{
+  var root = document.getElementById("{uid}");
+  var asr = [{table_js}];
+  var canon = [{canon_js}];
+  var id = {int(start)};
+  function draw() {{
+    root.querySelectorAll(".px").forEach(function (b) {{
+      var on = (id >> (8 - Number(b.dataset.k))) & 1;
+      b.classList.toggle("on", on === 1);
+      b.setAttribute("aria-pressed", on === 1 ? "true" : "false");
+    }});
+    root.dataset.pattern = String(id);
+    root.querySelector(".readout").innerHTML = "pattern <b>" + id + "</b> (symmetry class " + canon[id] +
+      ")<br>ASR <b>" + (100 * asr[id]).toFixed(1) + "%</b> of {int(n_images)} non-target images go to class " +
+      {html.escape(target)!r};
+  }}
+  root.querySelectorAll(".px").forEach(function (b) {{
+    b.addEventListener("click", function () {{ id ^= 1 << (8 - Number(b.dataset.k)); draw(); }});
+  }});
+  draw();
+}})();
+</script>
+</div>"""

@@ -233,3 +233,27 @@ def test_widgets_render(browser, base_url, doc):
         assert not problems, f"{doc}: " + "\n".join(problems)
     finally:
         page.close()
+
+
+def test_static_trigger_painter_works_without_a_kernel(browser, base_url):
+    """Chapter 7's trigger painter runs in the static page: clicking a pixel flips that bit of
+    the pattern id and the readout shows the new pattern's precomputed ASR."""
+    doc = "book/07_detection"
+    page, problems = _open(browser, _url(base_url, doc))
+    try:
+        _wait_for(page, "document.querySelector('.mesa-painter .readout b') !== null",
+                  f"{doc}: the trigger painter did not draw its readout")
+        root = page.locator(".mesa-painter").first
+        start = int(root.get_attribute("data-pattern"))
+        assert f"pattern {start} " in root.locator(".readout").inner_text()
+        pressed = [root.locator(f'.px[data-k="{k}"]').get_attribute("aria-pressed") == "true" for k in range(9)]
+        assert sum(b << (8 - k) for k, b in enumerate(pressed)) == start  # pixel k is bit 8 - k
+        root.locator('.px[data-k="8"]').click()
+        assert int(root.get_attribute("data-pattern")) == start ^ 1
+        text = root.locator(".readout").inner_text()
+        assert f"pattern {start ^ 1} " in text and "%" in text, text
+        root.locator('.px[data-k="8"]').click()
+        assert int(root.get_attribute("data-pattern")) == start
+        assert not problems, f"{doc}: " + "\n".join(problems)
+    finally:
+        page.close()

@@ -21,3 +21,12 @@ def test_readme_results_are_generated_from_the_committed_files():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_results.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_pipeline_figure_is_what_its_script_draws():
+    """Chapter 1's figure is generated (scripts/pipeline_figure.py), not edited by hand."""
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "pipeline_figure.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

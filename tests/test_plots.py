@@ -190,3 +190,24 @@ def test_table_html_and_markdown():
     assert html.count("<tr>") == 3 and "<td>89.1%</td>" in html and "&lt;b&gt;" in html
     with pytest.raises(ValueError):
         table([["a"]], ["x", "y"])
+
+
+def test_trigger_painter_html_embeds_every_pattern_and_checks_input():
+    import re
+
+    import pytest
+
+    from mesa_lib.plots import trigger_painter_html
+    from mesa_lib.triggers import canonical_id
+
+    asr = torch.arange(512, dtype=torch.float32) / 511
+    page = trigger_painter_html(asr, start=170, n_images=256, target="0 (T-shirt/top)")
+    table = re.search(r"var asr = \[([^\]]*)\]", page).group(1).split(",")
+    assert len(table) == 512 and float(table[511]) == 1.0 and abs(float(table[170]) - 170 / 511) < 1e-4
+    canon = re.search(r"var canon = \[([^\]]*)\]", page).group(1).split(",")
+    assert [int(c) for c in canon] == [canonical_id(i) for i in range(512)]
+    assert page.count('class="px"') == 9 and 'data-pattern="170"' in page
+    with pytest.raises(ValueError, match="512 finite values"):
+        trigger_painter_html(asr[:10], start=0, n_images=1, target="0")
+    with pytest.raises(ValueError, match="pattern id"):
+        trigger_painter_html(asr, start=512, n_images=1, target="0")
