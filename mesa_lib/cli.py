@@ -141,10 +141,10 @@ def parse_device(value: str) -> str:
 
 def _dataset_name(value: str) -> str:
     """An argparse type: a dataset name or alias (``CIFAR-10``) -> its canonical name."""
-    from .data import _canonical_name
+    from .datafiles import canonical_name
 
     try:
-        return _canonical_name(value)
+        return canonical_name(value)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 

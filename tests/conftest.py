@@ -8,7 +8,7 @@ the real on-disk formats, so tests run offline and fast:
 * ``fake_cifar_writer`` / ``fake_cifar10_root`` / ``fake_cifar100_root``:
   CIFAR python-version batches, pickled the way the official (Python 2)
   archives are. Their md5 sums are not the official ones, so these fixtures
-  (and only they) set ``mesa_lib.data.SKIP_CIFAR_MD5_FOR_TESTS`` for the test;
+  (and only they) set ``mesa_lib.datafiles.SKIP_CIFAR_MD5_FOR_TESTS`` for the test;
   the restricted parsing stays on.
 * ``fake_fmnist_splits``: a loaded :class:`mesa_lib.data.DatasetSplits` of the
   fake Fashion-MNIST (20 train, 8 model, 2 eval) on the CPU.
@@ -163,9 +163,9 @@ def fake_fmnist_writer() -> Callable[..., dict[str, np.ndarray]]:
 
 def _skip_cifar_md5(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let the fake CIFAR files load: they cannot have the official md5 sums (reset after the test)."""
-    import mesa_lib.data
+    import mesa_lib.datafiles
 
-    monkeypatch.setattr(mesa_lib.data, "SKIP_CIFAR_MD5_FOR_TESTS", True)
+    monkeypatch.setattr(mesa_lib.datafiles, "SKIP_CIFAR_MD5_FOR_TESTS", True)
 
 
 @pytest.fixture
@@ -208,7 +208,7 @@ def offline(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     MESA_DATA_DIR, and an empty private cache."""
     import urllib.error
 
-    import mesa_lib.data as data
+    import mesa_lib.datafiles as data
 
     def no_network(name, target):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")

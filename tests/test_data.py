@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mesa_lib import data
+from mesa_lib import data, datafiles
 from mesa_lib.data import (
     DATASETS,
     DatasetSplits,
@@ -29,7 +29,7 @@ def _isolated(monkeypatch, tmp_path):
     """No test sees the machine's data: empty cache, no env var, fake Debian dir."""
     monkeypatch.delenv("MESA_DATA_DIR", raising=False)
     monkeypatch.setenv("MESA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "DEBIAN_DATA_DIR", tmp_path / "debian-datasets")
+    monkeypatch.setattr(datafiles, "DEBIAN_DATA_DIR", tmp_path / "debian-datasets")
 
 
 def _check_fmnist(splits: DatasetSplits, arrays: dict[str, np.ndarray]) -> None:
@@ -77,7 +77,7 @@ def test_load_torchvision_layout(fake_fmnist_writer, tmp_path):
 
 
 def test_load_from_cache_and_debian(fake_fmnist_writer, tmp_path):
-    arrays = fake_fmnist_writer(data.DEBIAN_DATA_DIR / "fashion-mnist")
+    arrays = fake_fmnist_writer(datafiles.DEBIAN_DATA_DIR / "fashion-mnist")
     _check_fmnist(load_dataset(), arrays)
     fake_fmnist_writer(cache_dir() / "fashion-mnist")
     assert find_data_root("fashion-mnist") == cache_dir() / "fashion-mnist"
@@ -139,7 +139,7 @@ def test_search_order(fake_fmnist_writer, tmp_path, monkeypatch):
         "root": tmp_path / "explicit",
         "env": tmp_path / "env",
         "cache": cache_dir() / "fashion-mnist",
-        "debian": data.DEBIAN_DATA_DIR / "fashion-mnist",
+        "debian": datafiles.DEBIAN_DATA_DIR / "fashion-mnist",
     }
     for i, p in enumerate(places.values()):
         fake_fmnist_writer(p, seed=i)
@@ -176,7 +176,7 @@ def test_not_found_offline(tmp_path, monkeypatch):
     assert "apt-get install dataset-fashion-mnist" in msg and "download" in msg
     assert "fetch-data" in msg and "MESA_DATA_DIR" in msg
     for place in (tmp_path / "nothing-here", cache_dir() / "fashion-mnist",
-                  data.DEBIAN_DATA_DIR / "fashion-mnist"):
+                  datafiles.DEBIAN_DATA_DIR / "fashion-mnist"):
         assert str(place) in msg
 
 
@@ -201,12 +201,12 @@ def test_fetch_and_download(fake_fmnist_writer, tmp_path, monkeypatch):
         calls.append((name, target))
         fake_fmnist_writer(target / "FashionMNIST" / "raw")
 
-    monkeypatch.setattr(data, "_download", fake_download)
+    monkeypatch.setattr(datafiles, "_download", fake_download)
     # Already findable: nothing is downloaded, the found dir is returned.
-    fake_fmnist_writer(data.DEBIAN_DATA_DIR / "fashion-mnist")
-    assert data.fetch() == data.DEBIAN_DATA_DIR / "fashion-mnist" and not calls
+    fake_fmnist_writer(datafiles.DEBIAN_DATA_DIR / "fashion-mnist")
+    assert data.fetch() == datafiles.DEBIAN_DATA_DIR / "fashion-mnist" and not calls
     # Nothing found: download=True downloads into the user cache, then loads.
-    monkeypatch.setattr(data, "DEBIAN_DATA_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(datafiles, "DEBIAN_DATA_DIR", tmp_path / "no-debian")
     splits = load_dataset(download=True)
     assert calls == [("fashion-mnist", cache_dir() / "fashion-mnist")]
     assert len(splits.train) == 20
@@ -388,7 +388,7 @@ def test_device_cuda(fake_fmnist_root):
 
 @pytest.mark.skipif(not REAL_DEBIAN_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist(monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_DATA_DIR", REAL_DEBIAN_DIR.parent)
+    monkeypatch.setattr(datafiles, "DEBIAN_DATA_DIR", REAL_DEBIAN_DIR.parent)
     splits = load_dataset("fashion-mnist")
     assert find_data_root("fashion-mnist") == REAL_DEBIAN_DIR
     assert splits.train.images.shape == (60000, 1, 28, 28)
@@ -476,7 +476,7 @@ def test_cifar_wrong_content_is_an_error(fake_cifar_writer, tmp_path):
 def test_cifar_md5_is_checked_on_real_loads(fake_cifar_writer, tmp_path, monkeypatch):
     """Outside the fixtures' switch every file must carry the official md5 sum: the fake
     files are valid pickles in the right layout, and still they are rejected."""
-    import mesa_lib.data as data
+    import mesa_lib.datafiles as data
 
     fake_cifar_writer(tmp_path / "c", "cifar10")
     assert len(load_dataset("cifar10", root=tmp_path / "c").train) == 10  # loads with the switch on
@@ -488,7 +488,7 @@ def test_cifar_md5_is_checked_on_real_loads(fake_cifar_writer, tmp_path, monkeyp
 
 
 def test_cifar_md5_switch_is_off_by_default():
-    import mesa_lib.data as data
+    import mesa_lib.datafiles as data
 
     assert data.SKIP_CIFAR_MD5_FOR_TESTS is False
 
@@ -496,7 +496,7 @@ def test_cifar_md5_switch_is_off_by_default():
 def test_cifar_md5_accepts_matching_file(fake_cifar_writer, tmp_path, monkeypatch):
     """With the switch off, files whose md5 matches the reference list load (here the list is
     pointed at the fake files' own sums, standing in for the official archive)."""
-    import mesa_lib.data as data
+    import mesa_lib.datafiles as data
 
     fake_cifar_writer(tmp_path / "c", "cifar10")
     folder = tmp_path / "c" / "cifar-10-batches-py"
@@ -513,7 +513,7 @@ def test_cifar_md5_accepts_matching_file(fake_cifar_writer, tmp_path, monkeypatc
 
 
 def test_fetch_offline_is_one_line_value_error(offline):
-    import mesa_lib.data as data
+    import mesa_lib.datafiles as data
 
     with pytest.raises(ValueError) as info:
         data.fetch("fashion-mnist")

@@ -19,6 +19,16 @@ def _imports(module: str) -> set[str]:
 def test_low_modules_import_no_stage():
     assert _imports("common") == set()
     assert _imports("validate") <= {"common"}
+    assert _imports("datafiles") == set()  # finding and parsing files knows no tensors' containers
+    assert _imports("data") <= {"datafiles", "validate"}
+
+
+def test_one_images_check():
+    """MESA, Neural Cleanse and the point baseline check their images with validate.image_tensor,
+    not with copies of its shape test."""
+    for name in ("mesa", "neural_cleanse", "baselines"):
+        text = (PKG / f"{name}.py").read_text()
+        assert "image_tensor(" in text and "isinstance(data, ImageSet) else data" not in text, name
 
 
 def test_no_module_imports_the_package_init():
