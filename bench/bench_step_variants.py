@@ -38,7 +38,6 @@ import copy
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -54,26 +53,10 @@ from mesa_lib.mesa import MesaConfig, StaircaseTrainer, classifier_score_fn, fro
 from mesa_lib.models import build_model  # noqa: E402
 from mesa_lib.presets import get_preset  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mesa import _sync, timeit  # noqa: E402  (one timer for both benchmarks)
+
 VARIANTS = ("loop", "vmap", "bf16", "compile")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timeit(fn, device: torch.device, reps: int, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
 
 
 class VmapStaircaseStep:
@@ -168,8 +151,8 @@ def bench(device: torch.device, reps: int, cfg: MesaConfig, label: str) -> dict:
         loop = trainer()
         batched = VmapStaircaseStep(loop)
         out["max_abs_difference"] = agreement(loop, batched)
-        out["ms"]["loop"] = timeit(loop.step, device, reps)
-        out["ms"]["vmap"] = timeit(batched.step, device, reps)
+        out["ms"]["loop"] = timeit(loop.step, device, reps, warmup=3)
+        out["ms"]["vmap"] = timeit(batched.step, device, reps, warmup=3)
 
         plain = classifier_score_fn(model, images, targets, cfg.trigger_noise)
 
@@ -177,14 +160,15 @@ def bench(device: torch.device, reps: int, cfg: MesaConfig, label: str) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return plain(x, c).float()
 
-        out["ms"]["bf16"] = timeit(trainer(bf16_score).step, device, reps)
+        out["ms"]["bf16"] = timeit(trainer(bf16_score).step, device, reps, warmup=3)
+        torch._dynamo.reset()  # compile from scratch in this process (the on-disk cache may still help)
         compiled = torch.compile(model)
         comp = trainer(classifier_score_fn(compiled, images, targets, cfg.trigger_noise))
         t0 = time.perf_counter()
         comp.step()
         _sync(device)
         out["compile_seconds"] = round(time.perf_counter() - t0, 1)
-        out["ms"]["compile"] = timeit(comp.step, device, reps)
+        out["ms"]["compile"] = timeit(comp.step, device, reps, warmup=3)
     out["ms"] = {k: round(v, 2) for k, v in out["ms"].items()}
     out["speedup_vs_loop"] = {k: round(out["ms"]["loop"] / v, 3) for k, v in out["ms"].items()}
     return out
