@@ -17,6 +17,7 @@ the real on-disk formats, so tests run offline and fast:
 from __future__ import annotations
 
 import gzip
+import os
 import pathlib
 import pickle
 import struct
@@ -26,6 +27,17 @@ import numpy as np
 import pytest
 
 from mesa_lib.data import DATASETS
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs two workers on two cores) every worker, and every
+    notebook kernel it starts, uses one torch thread, so the workers do not oversubscribe the
+    cores; a thread count the user exported is kept."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 FMNIST_STEMS = {
     "train_images": "train-images-idx3-ubyte",

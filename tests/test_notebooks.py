@@ -4,7 +4,9 @@ The executed notebook goes into the jupyter-cache that the strict book build rea
 (``execute_notebooks: cache``), so ``make test`` runs each notebook exactly once and the HTML
 shows the outputs checked here. A failing assert cell fails its chapter's test with the
 cell's traceback; a cell over ``MESA_CELL_TIMEOUT`` seconds fails with a message naming it.
-Deselect with ``-m "not notebook"`` for a quick unit-test run.
+Deselect with ``-m "not notebook"`` for a quick unit-test run. Under pytest-xdist with
+``--dist loadgroup`` (``make test``) all notebooks run in one worker, in reading order, while the
+unit tests use the other.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def test_the_toc_has_every_chapter_notebook():
 
 
 @pytest.mark.notebook
+@pytest.mark.xdist_group("notebooks")  # one worker runs them in order (one writer of the build's cache)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook(path):
     try:
