@@ -11,7 +11,8 @@ A cell that raises fails its notebook with the cell's traceback; a cell that run
 than ``MESA_CELL_TIMEOUT`` seconds (default 1200) fails with a message naming it. The
 per-notebook times go to ``_build/notebook_times.json``.
 
-    python scripts/notebooks.py            # execute every notebook of the toc
+    python scripts/notebooks.py            # execute every notebook of the toc (2 side by side)
+    python scripts/notebooks.py --jobs 1   # one after another
     python scripts/notebooks.py book/05_mine.ipynb
     python scripts/notebooks.py --check-cached   # exit 1 unless every notebook is cached
 """
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,21 +67,17 @@ class NotebookFailed(Exception):
     """A notebook's cell raised or ran out of time; the message says which and why."""
 
 
-def execute(path: Path, cache_path: Path = CACHE, timeout: int | None = None) -> float:
-    """Execute one notebook (working directory: its folder, like myst-nb) and store the
-    executed notebook in the jupyter-cache, replacing an older record of it. Returns the
-    execution time in seconds; raises :class:`NotebookFailed` on an error or a timeout."""
+def run(path: Path, timeout: int | None = None) -> tuple[object, float]:
+    """Execute one notebook (working directory: its folder, like myst-nb); returns the executed
+    notebook and its execution time in seconds. Raises :class:`NotebookFailed` on an error or a
+    timeout. Stores nothing: :func:`store` puts the result into the cache."""
     import nbformat
-    from jupyter_cache import get_cache
-    from jupyter_cache.base import CacheBundleIn
     from jupyter_cache.executors.utils import single_nb_execution
     from nbclient.exceptions import CellTimeoutError
 
     timeout = timeout or cell_timeout()
     path = Path(path).resolve()
     nb = nbformat.read(path, as_version=4)
-    cache = get_cache(str(cache_path))
-    record = cache.add_nb_to_project(str(path))
     strict = path.stem in STRICT_DEVICE
     saved = os.environ.get("MESA_STRICT_DEVICE")
     if strict:
@@ -98,10 +97,28 @@ def execute(path: Path, cache_path: Path = CACHE, timeout: int | None = None) ->
                 f"{path.name}: a cell ran longer than the per-cell timeout of {timeout} s "
                 "(set MESA_CELL_TIMEOUT to allow more on a slow machine)\n" + str(result.err)[:2000])
         raise NotebookFailed(f"{path.name}: a cell raised an error\n{result.err}")
-    cache.cache_notebook_bundle(CacheBundleIn(nb, record.uri, data={"execution_seconds": result.time}),
+    return nb, result.time
+
+
+def store(path: Path, nb, seconds: float, cache_path: Path | None = None) -> None:
+    """Put an executed notebook into the jupyter-cache (replacing an older record of it) and
+    record its time."""
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+
+    path = Path(path).resolve()
+    cache = get_cache(str(cache_path or CACHE))
+    record = cache.add_nb_to_project(str(path))
+    cache.cache_notebook_bundle(CacheBundleIn(nb, record.uri, data={"execution_seconds": seconds}),
                                 check_validity=False, overwrite=True)
-    _record_time(path, result.time)
-    return result.time
+    _record_time(path, seconds)
+
+
+def execute(path: Path, cache_path: Path | None = None, timeout: int | None = None) -> float:
+    """Execute one notebook and store it in the jupyter-cache; returns its time in seconds."""
+    nb, seconds = run(path, timeout)
+    store(path, nb, seconds, cache_path)
+    return seconds
 
 
 def _record_time(path: Path, seconds: float) -> None:
@@ -115,12 +132,12 @@ def _record_time(path: Path, seconds: float) -> None:
     atomic_write_text(TIMES, json.dumps(times, indent=1, sort_keys=True))
 
 
-def uncached(paths: list[Path], cache_path: Path = CACHE) -> list[Path]:
+def uncached(paths: list[Path], cache_path: Path | None = None) -> list[Path]:
     """The notebooks of ``paths`` for which the cache holds no executed match."""
     import nbformat
     from jupyter_cache import get_cache
 
-    cache = get_cache(str(cache_path))
+    cache = get_cache(str(cache_path or CACHE))
     missing = []
     for p in paths:
         try:
@@ -133,6 +150,9 @@ def uncached(paths: list[Path], cache_path: Path = CACHE) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook of _toc.yml")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="notebooks executed side by side after the first (default: 2 on a machine with 2 or "
+                         "more cores, else 1)")
     ap.add_argument("--check-cached", action="store_true",
                     help="execute nothing; exit 1 if a notebook has no executed copy in the cache")
     args = ap.parse_args(argv)
@@ -142,15 +162,60 @@ def main(argv: list[str] | None = None) -> int:
         for p in missing:
             print(f"not executed: {p.relative_to(ROOT)} (run `python scripts/notebooks.py` first)", file=sys.stderr)
         return 1 if missing else 0
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
+    if jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {jobs}")
     failed = 0
-    for p in paths:
-        print(f">> executing {p.relative_to(ROOT)}", flush=True)
-        try:
-            print(f"   {execute(p):.1f} s", flush=True)
-        except NotebookFailed as err:
+
+    def done(p: Path, outcome) -> None:
+        nonlocal failed
+        if isinstance(outcome, NotebookFailed):
             failed += 1
-            print(f"FAILED {err}", file=sys.stderr, flush=True)
+            print(f"FAILED {outcome}", file=sys.stderr, flush=True)
+        else:
+            nb, seconds = outcome
+            store(p, nb, seconds)
+            print(f"   {p.relative_to(ROOT)}: {seconds:.1f} s", flush=True)
+
+    # the first notebook alone: it trains the shared classifiers into the model cache, which
+    # the others then read (run side by side on a cold cache, each would train them again)
+    first, rest = paths[:1], paths[1:]
+    for p in first + (rest if jobs == 1 else []):
+        print(f">> executing {p.relative_to(ROOT)}", flush=True)
+        done(p, _outcome(p))
+    if jobs > 1 and rest:
+        # longest first (by the last recorded times), so the lanes finish together; each worker
+        # and its kernels use cores // jobs torch threads
+        order = sorted(rest, key=lambda p: -_last_seconds(p))
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        print(f">> executing {len(rest)} notebooks in {jobs} processes, {threads} torch thread(s) each", flush=True)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_set_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(_outcome, p): p for p in order}
+            for future in as_completed(futures):
+                done(futures[future], future.result())
     return 1 if failed else 0
+
+
+def _outcome(path: Path):
+    """``(executed notebook, seconds)``, or the :class:`NotebookFailed` (returned, not raised)."""
+    try:
+        return run(path)
+    except NotebookFailed as err:
+        return err
+
+
+def _set_threads(n: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(n)  # the kernels this worker starts inherit it
+
+
+def _last_seconds(path: Path) -> float:
+    """The notebook's time in the last record (``_build/notebook_times.json``), else 0."""
+    try:
+        times = json.loads(TIMES.read_text())
+    except (OSError, ValueError):
+        return 0.0
+    return float(times.get(Path(path).resolve().relative_to(ROOT).as_posix(), {}).get("seconds", 0.0))
 
 
 if __name__ == "__main__":

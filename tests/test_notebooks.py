@@ -36,3 +36,32 @@ def test_notebook(path):
     except notebooks.NotebookFailed as err:
         pytest.fail(str(err), pytrace=False)
     print(f"{path.name}: {seconds:.1f} s")
+
+
+def test_side_by_side_execution_stores_each_notebook_once(tmp_path, monkeypatch):
+    """``scripts/notebooks.py --jobs 2`` (what ``make book`` runs): the first notebook alone,
+    the others in two worker processes with one torch thread each; the parent stores every
+    executed notebook in the cache and records its time; a failing notebook fails the run
+    with its cell's error, and the others are still stored."""
+    import json
+
+    import nbformat
+    from jupyter_cache import get_cache
+
+    monkeypatch.setattr(notebooks, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(notebooks, "TIMES", tmp_path / "times.json")
+    monkeypatch.setattr(notebooks, "ROOT", tmp_path)
+    paths = []
+    for name, code in [("a", "x = 1"), ("b", "import os\nassert os.environ['OMP_NUM_THREADS'] == '1'"),
+                       ("c", "print('c')"), ("d", "raise ValueError('chapter d is wrong')")]:
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(code)]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        paths.append(tmp_path / f"{name}.ipynb")
+        nbformat.write(nb, paths[-1])
+    assert notebooks.main([str(p) for p in paths] + ["--jobs", "2"]) == 1
+    cache = get_cache(str(tmp_path / "cache"))
+    for p in paths[:3]:
+        cache.match_cache_notebook(nbformat.read(p, as_version=4))  # raises KeyError if not stored
+    assert notebooks.uncached(paths, tmp_path / "cache") == [paths[3]]
+    assert set(json.loads((tmp_path / "times.json").read_text())) == {"a.ipynb", "b.ipynb", "c.ipynb"}
