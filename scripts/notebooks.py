@@ -178,8 +178,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {p.relative_to(ROOT)}: {seconds:.1f} s", flush=True)
 
     # the first notebook alone: it trains the shared classifiers into the model cache, which
-    # the others then read (run side by side on a cold cache, each would train them again)
+    # the others then read (run side by side on a cold cache, each would train them again).
+    # Side by side, every kernel uses cores // jobs torch threads -- the first one too: the
+    # cache keys a model by its thread count, so all chapters must train with the same count
+    # to share it, and a process with more threads than its share of the cores slows down
+    # several times over (OpenMP threads wait on each other).
     first, rest = paths[:1], paths[1:]
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // jobs))  # yours if exported
+    if jobs > 1 and rest:
+        _set_threads(threads)
     for p in first + (rest if jobs == 1 else []):
         print(f">> executing {p.relative_to(ROOT)}", flush=True)
         done(p, _outcome(p))
@@ -187,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         # longest first (by the last recorded times), so the lanes finish together; each worker
         # and its kernels use cores // jobs torch threads
         order = sorted(rest, key=lambda p: -_last_seconds(p))
-        threads = max(1, (os.cpu_count() or 1) // jobs)
         print(f">> executing {len(rest)} notebooks in {jobs} processes, {threads} torch thread(s) each", flush=True)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_set_threads, initargs=(threads,)) as pool:
