@@ -40,7 +40,7 @@ def test_notebook(path):
 
 def test_side_by_side_execution_stores_each_notebook_once(tmp_path, monkeypatch):
     """``scripts/notebooks.py --jobs 2`` (what ``make book`` runs): the first notebook alone,
-    the others in two worker processes with one torch thread each; the parent stores every
+    the others in two worker processes with cores // 2 torch threads each; the parent stores every
     executed notebook in the cache and records its time; a failing notebook fails the run
     with its cell's error, and the others are still stored."""
     import json
@@ -52,7 +52,10 @@ def test_side_by_side_execution_stores_each_notebook_once(tmp_path, monkeypatch)
     monkeypatch.setattr(notebooks, "TIMES", tmp_path / "times.json")
     monkeypatch.setattr(notebooks, "ROOT", tmp_path)
     paths = []
-    for name, code in [("a", "x = 1"), ("b", "import os\nassert os.environ['OMP_NUM_THREADS'] == '1'"),
+    import os
+
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
+    for name, code in [("a", "x = 1"), ("b", f"import os\nassert os.environ['OMP_NUM_THREADS'] == '{threads}'"),
                        ("c", "print('c')"), ("d", "raise ValueError('chapter d is wrong')")]:
         nb = nbformat.v4.new_notebook()
         nb.cells = [nbformat.v4.new_code_cell(code)]
