@@ -326,7 +326,7 @@ def test_sweep_task_on_device(dev_splits, strict_device, monkeypatch, tmp_path, 
 
 
 # ---------------------------------------------------------------- chapters in strict mode
-# Chapters 2, 3, 7 and 10 run whole with MESA_STRICT_DEVICE=1 in their one execution by
+# Every chapter but 9 runs whole with MESA_STRICT_DEVICE=1 in its one execution by
 # tests/test_notebooks.py (scripts/notebooks.py's STRICT_DEVICE); every chapter: `make test-device`.
 
 
