@@ -23,8 +23,8 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
 
 # Extra arguments for pytest, e.g.  make test PYTEST_ARGS='-m "not slow" -x'
 PYTEST_ARGS ?=
-# pytest-xdist workers for `make test`: the notebooks run in one, in order, the unit tests in the
-# other(s); each worker (and its notebook kernels) uses one torch thread. 0 runs everything in one process.
+# pytest-xdist workers for `make test`: tests and notebooks are spread over them; each worker (and
+# its notebook kernels) uses one torch thread. 0 runs everything in one process.
 PYTEST_WORKERS ?= 2
 
 .PHONY: help install data browser book test test-device bench handouts readme-results clean distclean
@@ -100,15 +100,15 @@ book: install data
 
 # ---------------------------------------------------------------- test
 # 1. pytest on tests/, in $(PYTEST_WORKERS) pytest-xdist workers: the unit tests, and every
-#    notebook of the toc executed once, in order, in one worker (tests/test_notebooks.py; the
-#    notebooks' assert cells check their claims), writing the executed notebooks into the
-#    build's cache;
+#    notebook of the toc executed once (tests/test_notebooks.py; the notebooks' assert cells
+#    check their claims), writing the executed notebooks into the build's cache (one writer at
+#    a time);
 # 2. the strict book build from those outputs (no notebook is executed a second time);
 # 3. the browser test on the built HTML (tests/test_book_browser.py); it must run here, so a
 #    missing build, Playwright or Chromium is a failure, not a skip.
 # Any failing step stops make with a non-zero status.
 test: install data browser
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests --ignore=tests/test_book_browser.py
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS) tests --ignore=tests/test_book_browser.py
 	$(BUILD_BOOK)
 	MESA_BROWSER_TEST_REQUIRED=1 MESA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest $(PYTEST_ARGS) tests/test_book_browser.py
 

@@ -108,12 +108,19 @@ def store(path: Path, nb, seconds: float, cache_path: Path | None = None) -> Non
     from jupyter_cache import get_cache
     from jupyter_cache.base import CacheBundleIn
 
+    import fcntl
+
     path = Path(path).resolve()
-    cache = get_cache(str(cache_path or CACHE))
-    record = cache.add_nb_to_project(str(path))
-    cache.cache_notebook_bundle(CacheBundleIn(nb, record.uri, data={"execution_seconds": seconds}),
-                                check_validity=False, overwrite=True)
-    _record_time(path, seconds)
+    cache_path = Path(cache_path or CACHE)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    # one writer at a time: under pytest-xdist two workers may finish a notebook together
+    with open(cache_path.with_name(cache_path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = get_cache(str(cache_path))
+        record = cache.add_nb_to_project(str(path))
+        cache.cache_notebook_bundle(CacheBundleIn(nb, record.uri, data={"execution_seconds": seconds}),
+                                    check_validity=False, overwrite=True)
+        _record_time(path, seconds)
 
 
 def execute(path: Path, cache_path: Path | None = None, timeout: int | None = None) -> float:

@@ -4,9 +4,10 @@ The executed notebook goes into the jupyter-cache that the strict book build rea
 (``execute_notebooks: cache``), so ``make test`` runs each notebook exactly once and the HTML
 shows the outputs checked here. A failing assert cell fails its chapter's test with the
 cell's traceback; a cell over ``MESA_CELL_TIMEOUT`` seconds fails with a message naming it.
-Deselect with ``-m "not notebook"`` for a quick unit-test run. Under pytest-xdist with
-``--dist loadgroup`` (``make test``) all notebooks run in one worker, in reading order, while the
-unit tests use the other.
+Deselect with ``-m "not notebook"`` for a quick unit-test run. Under pytest-xdist (``make
+test``) the notebooks are spread over the workers like every other test: each chapter runs on
+its own from a cold cache, and ``scripts/notebooks.py`` takes a file lock while it writes the
+build's cache, so two workers never write it at once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ def test_the_toc_has_every_chapter_notebook():
 
 
 @pytest.mark.notebook
-@pytest.mark.xdist_group("notebooks")  # one worker runs them in order (one writer of the build's cache)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook(path):
     try:
@@ -68,3 +68,35 @@ def test_side_by_side_execution_stores_each_notebook_once(tmp_path, monkeypatch)
         cache.match_cache_notebook(nbformat.read(p, as_version=4))  # raises KeyError if not stored
     assert notebooks.uncached(paths, tmp_path / "cache") == [paths[3]]
     assert set(json.loads((tmp_path / "times.json").read_text())) == {"a.ipynb", "b.ipynb", "c.ipynb"}
+
+
+def _store_one(args):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import nbformat
+
+    import notebooks as nbs
+
+    path, cache, times = args
+    nbs.TIMES = Path(times)
+    nbs.ROOT = Path(path).parent
+    nbs.store(Path(path), nbformat.read(path, as_version=4), 1.0, Path(cache))
+
+
+def test_concurrent_stores_into_a_fresh_cache(tmp_path):
+    """Two processes store four notebooks into a cache that does not exist yet (what two
+    pytest-xdist workers may do): every record lands, none is lost to a race."""
+    import multiprocessing
+
+    import nbformat
+
+    paths = []
+    for i in range(4):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(f"x = {i}")]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        paths.append(tmp_path / f"n{i}.ipynb")
+        nbformat.write(nb, paths[-1])
+    cache = tmp_path / "build" / "cache"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_store_one, [(str(p), str(cache), str(tmp_path / "times.json")) for p in paths])
+    assert notebooks.uncached(paths, cache) == []
