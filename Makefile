@@ -23,8 +23,10 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
 
 # Extra arguments for pytest, e.g.  make test PYTEST_ARGS='-m "not slow" -x'
 PYTEST_ARGS ?=
-# pytest-xdist workers for `make test`: tests and notebooks are spread over them; each worker (and
-# its notebook kernels) uses one torch thread. 0 runs everything in one process.
+# pytest-xdist workers for `make test` (--dist loadfile: a test file runs in one worker): half of the
+# notebooks in each worker first (tests/test_notebooks.py, tests/test_notebooks_lane_b.py), the unit
+# test files around them; each worker (and its notebook kernels) uses one torch thread.
+# 0 runs everything in one process.
 PYTEST_WORKERS ?= 2
 
 .PHONY: help install data browser book test test-device bench handouts readme-results clean distclean
@@ -108,7 +110,7 @@ book: install data
 #    missing build, Playwright or Chromium is a failure, not a skip.
 # Any failing step stops make with a non-zero status.
 test: install data browser
-	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS) tests --ignore=tests/test_book_browser.py
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests --ignore=tests/test_book_browser.py
 	$(BUILD_BOOK)
 	MESA_BROWSER_TEST_REQUIRED=1 MESA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest $(PYTEST_ARGS) tests/test_book_browser.py
 

@@ -43,6 +43,14 @@ execution: every chapter but 09, whose live check re-runs sweep lines in worker 
 their own (the simulated device lives in one process); ``make test-device`` runs them all."""
 
 
+LANE_B = ("08_defense", "06_training", "07_detection", "05_mine", "04_staircase")
+"""The notebooks that ``make test`` executes in its second pytest-xdist worker
+(``tests/test_notebooks_lane_b.py``; the others are in ``tests/test_notebooks.py``, and
+``--dist loadfile`` gives each file to one worker). The two halves took about equal time in a
+fresh-clone CI run at one thread each: 09, 02, 03, 10, 11 about 370 s; 08, 06, 07, 05, 04 about
+340 s."""
+
+
 def toc_notebooks(root: Path = ROOT) -> list[Path]:
     """The notebooks of ``_toc.yml``, in reading order."""
     import yaml

@@ -311,9 +311,13 @@ NBVAL_OUTPUT_TIMEOUT_S = 60
 
 
 def pytest_collection_modifyitems(items):
+    """nbval cells get the output timeout; the book's notebook tests go first (a stable reorder,
+    the same in every pytest-xdist worker): with ``--dist loadfile`` each worker starts with its
+    half of the book, the longest work, and the unit-test files fill in around them."""
     for item in items:
         if type(item).__name__ == "IPyNbCell":
             item.output_timeout = NBVAL_OUTPUT_TIMEOUT_S
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_notebooks") else 1)
 
 
 

@@ -4,9 +4,11 @@ The executed notebook goes into the jupyter-cache that the strict book build rea
 (``execute_notebooks: cache``), so ``make test`` runs each notebook exactly once and the HTML
 shows the outputs checked here. A failing assert cell fails its chapter's test with the
 cell's traceback; a cell over ``MESA_CELL_TIMEOUT`` seconds fails with a message naming it.
-Deselect with ``-m "not notebook"`` for a quick unit-test run. Under pytest-xdist (``make
-test``) the notebooks are spread over the workers like every other test: each chapter runs on
-its own from a cold cache, and ``scripts/notebooks.py`` takes a file lock while it writes the
+Deselect with ``-m "not notebook"`` for a quick unit-test run. Under pytest-xdist with
+``--dist loadfile`` (``make test``) this file runs in one worker and
+``tests/test_notebooks_lane_b.py`` (the chapters of ``scripts/notebooks.py``'s ``LANE_B``) in
+the other, both before the unit tests (``tests/conftest.py`` puts them first): each chapter runs
+on its own from a cold cache, and ``scripts/notebooks.py`` takes a file lock while it writes the
 build's cache, so two workers never write it at once.
 """
 
@@ -21,6 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import notebooks  # noqa: E402
 
 NOTEBOOKS = notebooks.toc_notebooks()
+LANE_A = [p for p in NOTEBOOKS if p.stem not in notebooks.LANE_B]
+
+
+def run_chapter(path: Path) -> None:
+    """Execute one chapter into the build's cache; its failure is the test's failure."""
+    try:
+        seconds = notebooks.execute(path)
+    except notebooks.NotebookFailed as err:
+        pytest.fail(str(err), pytrace=False)
+    print(f"{path.name}: {seconds:.1f} s")
 
 
 def test_the_toc_has_every_chapter_notebook():
@@ -28,14 +40,16 @@ def test_the_toc_has_every_chapter_notebook():
     assert sorted(p.name for p in NOTEBOOKS) == on_disk, "a notebook under book/ is missing from _toc.yml"
 
 
+def test_the_two_lanes_hold_every_chapter_once():
+    lane_b = [p for p in NOTEBOOKS if p.stem in notebooks.LANE_B]
+    assert len(lane_b) == len(notebooks.LANE_B), "a LANE_B name is not a notebook of the toc"
+    assert sorted(LANE_A + lane_b) == sorted(NOTEBOOKS)
+
+
 @pytest.mark.notebook
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", LANE_A, ids=[p.stem for p in LANE_A])
 def test_notebook(path):
-    try:
-        seconds = notebooks.execute(path)
-    except notebooks.NotebookFailed as err:
-        pytest.fail(str(err), pytrace=False)
-    print(f"{path.name}: {seconds:.1f} s")
+    run_chapter(path)
 
 
 def test_side_by_side_execution_stores_each_notebook_once(tmp_path, monkeypatch):
