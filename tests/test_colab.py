@@ -10,6 +10,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 import types
 import venv
 from pathlib import Path
@@ -172,7 +173,7 @@ def test_notebook_imports_are_found():
     assert {"mesa_lib", "torch", "matplotlib", "ipywidgets", "myst_nb"} <= notebook_imports()
 
 
-def test_install_cell_in_a_fresh_venv(tmp_path):
+def test_install_cell_in_a_fresh_venv(request):
     """The install cell, run as in Colab in a fresh virtual environment that has nothing but
     pip, installs everything the notebooks import. The cell is the notebooks' own, with the
     GitHub address replaced by this checkout's committed HEAD (``git+file://``: the same kind
@@ -181,7 +182,11 @@ def test_install_cell_in_a_fresh_venv(tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode != 0:
         pytest.skip("not a git checkout: the cell installs from a git repository")
-    env_dir = tmp_path / "venv"
+    # the environment holds torch and its CUDA wheels (gigabytes): removed as soon as the test
+    # ends, not kept with pytest's last three temporary folders
+    scratch = tempfile.TemporaryDirectory(prefix="mesa-colab-venv-")
+    request.addfinalizer(scratch.cleanup)
+    env_dir = Path(scratch.name) / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
     url, branch = colab_cells.repository()
