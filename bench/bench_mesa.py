@@ -110,20 +110,36 @@ def bench_preset(name: str, device: torch.device, reps: int, mesa: MesaConfig | 
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_parser(doc: str, reps: int) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --device, --reps, --threads, --out."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--presets", default="fast,paper")
+    p.add_argument("--reps", type=int, default=reps)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args(argv)
+    return p
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply --threads; the device to measure on."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "machine": platform.processor() or platform.machine(),
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "runs": []}
+    return torch.device(args.device)
+
+
+def header(device: torch.device) -> dict:
+    """Where a benchmark ran: device, torch version, threads, CPU, GPU name."""
+    return {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def main(argv=None) -> int:
+    p = bench_parser(__doc__, reps=10)
+    p.add_argument("--presets", default="fast,paper")
+    args = p.parse_args(argv)
+    device = setup(args)
+    results = {**header(device), "runs": []}
     for name in args.presets.split(","):
         results["runs"].append(bench_preset(name, device, args.reps))
         if name == "fast":

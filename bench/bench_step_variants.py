@@ -33,11 +33,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -54,7 +52,7 @@ from mesa_lib.models import build_model  # noqa: E402
 from mesa_lib.presets import get_preset  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesa import _sync, timeit  # noqa: E402  (one timer for both benchmarks)
+from bench_mesa import _sync, bench_parser, header, setup, timeit  # noqa: E402  (shared with bench_mesa)
 
 VARIANTS = ("loop", "vmap", "bf16", "compile")
 
@@ -175,21 +173,11 @@ def bench(device: torch.device, reps: int, cfg: MesaConfig, label: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args = bench_parser(__doc__, reps=30).parse_args(argv)
+    device = setup(args)
     fast = get_preset("fast").mesa
     t0 = time.perf_counter()
-    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "machine": platform.processor() or platform.machine(),
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-               "code": code_fingerprint(), "git": git_state(), "reps": args.reps,
+    results = {**header(device), "code": code_fingerprint(), "git": git_state(), "reps": args.reps,
                "how": "python bench/bench_step_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "variants": list(VARIANTS), "runs": []}
     for cfg, label in ((fast, "fast preset (128-wide networks)"),
