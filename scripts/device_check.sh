@@ -3,6 +3,7 @@
 #
 #   bash scripts/device_check.sh bench       # the GPU benchmarks + one short notebook (~2-3 min)
 #   bash scripts/device_check.sh notebooks   # every notebook of _toc.yml, on the GPU (~5-7 min)
+#   bash scripts/device_check.sh notebooks book/09_reproduction.ipynb   # some of them
 #
 # What it needs beside the working tree (both ignored by git, carried to the machine):
 #   .whl/      wheels (Python of that machine) of the notebook machinery the machine lacks:
@@ -41,7 +42,9 @@ bench)
     exit $(( rc || PIPESTATUS[0] ))
     ;;
 notebooks)
-    python3 scripts/notebooks.py --jobs "${JOBS:-4}" --executed /tmp/executed 2>&1 | tee "$OUT/notebooks.log"
+    shift
+    rm -rf /tmp/executed
+    python3 scripts/notebooks.py --jobs "${JOBS:-4}" --executed /tmp/executed "$@" 2>&1 | tee "$OUT/notebooks.log"
     rc=${PIPESTATUS[0]}
     cp _build/notebook_times.json "$OUT/notebook_times.json" 2>/dev/null
     tar -czf "$OUT/executed_notebooks.tar.gz" -C /tmp executed 2>/dev/null
