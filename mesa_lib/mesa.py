@@ -10,11 +10,15 @@ Read this file after the derivation chapter; each piece maps to one line of the 
   ensemble samples sub-model ``i`` with weight ``gamma_i``.
 * Sub-model loss, with ``z ~ U[0,1)^64``::
 
-      loss_i = -mean(min(f(G_i(z) + noise), beta_i)) - alpha * I(z; G_i(z))
+      loss_i = -mean(min(f_hat(G_i(z) + noise), beta_i)) - alpha * DV_T(z, G_i(z))
 
-  The hinge ``min(f, beta)`` stops pushing a sample once it is inside ``X_beta``; the mutual
-  information ``I`` (a MINE lower bound, :mod:`mesa_lib.mine`) rewards spreading out, which
-  for a generator is maximising the entropy of its samples.
+  ``f_hat`` scores each trigger on one random image at one random location (an unbiased
+  estimate of ``f`` at the noisy trigger; the hinge of it is biased low, chapter 4). The hinge
+  ``min(f_hat, beta)`` stops pushing a sample once it scores above ``beta``; ``DV_T`` is the
+  MINE estimate (:mod:`mesa_lib.mine`) of the mutual information between the noise and the
+  samples, used as a push to spread the samples out. It stands in for the entropy of the
+  samples, but for a deterministic generator the mutual information itself is infinite
+  (chapter 5), so it is a heuristic, not a measurement of that entropy.
 * All ``N`` sub-models are trained in one batched pass: their triggers go through one
   classifier forward and one backward, and the classifier is frozen (input gradients only).
 """

@@ -8,14 +8,15 @@ The Donsker-Varadhan (DV) representation gives a lower bound on mutual informati
 The first expectation is over matched pairs (z, G(z)); the second over mismatched pairs
 (z', G(z)) with z' drawn independently. T is trained to maximise the bound; the gradient of
 the log term is biased on mini-batches, so MINE replaces its denominator by a moving average
-of E[exp T] (rate 0.001). Everything here is computed in log space (``logsumexp``), so large
+of E[exp T] (rate ``ma_rate``: 0.001 in :class:`MINE` and MESA's ``MesaConfig``, 0.01 in
+:func:`train_mine`'s default). Everything here is computed in log space (``logsumexp``), so large
 values of T never overflow.
 
 The moving average is robust to one extreme batch: a batch's ``log mean exp T`` enters it
 clipped at ``log_ma + log((1 + r) / r)``, so one batch can at most double the average (and
 its loss term is clipped the same way). Without the clip, one batch of values around 1e6
-raised the log-average by about 1e6 nats, which the rate-0.001 average then took millions
-of steps to forget, turning off the bias-corrected log term meanwhile. The clip is a
+raised the log-average by about 1e6 nats, which the rate-0.001 average then took about a
+billion steps to forget (each step lowers it by at most ``-log(1 - r)``, about 1e-3 nats), turning off the bias-corrected log term meanwhile. The clip is a
 ``torch.where`` that returns the unclipped value bit for bit whenever a batch is below it,
 so normal batches are computed exactly as before.
 """
