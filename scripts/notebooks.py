@@ -212,29 +212,34 @@ def main(argv: list[str] | None = None) -> int:
                 nbformat.write(nb, args.executed / p.name)
             print(f"   {p.relative_to(ROOT)}: {seconds:.1f} s", flush=True)
 
-    # the first notebook alone: it trains the shared classifiers into the model cache, which
-    # the others then read (run side by side on a cold cache, each would train them again).
-    # Side by side, every kernel uses cores // jobs torch threads -- the first one too: the
-    # cache keys a model by its thread count, so all chapters must train with the same count
-    # to share it, and a process with more threads than its share of the cores slows down
-    # several times over (OpenMP threads wait on each other).
+    # the first notebook trains the shared classifiers into the model cache, which the others
+    # then read (run side by side on a cold cache, each would train them again), so they wait
+    # for it. Side by side, every kernel uses cores // jobs torch threads -- the first one too:
+    # the cache keys a model by its thread count, so all chapters must train with the same
+    # count to share it, and a process with more threads than its share of the cores slows
+    # down several times over (OpenMP threads wait on each other).
     first, rest = paths[:1], paths[1:]
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // jobs))  # yours if exported
-    if jobs > 1 and rest:
-        _set_threads(threads)
-    for p in first + (rest if jobs == 1 else []):
-        print(f">> executing {p.relative_to(ROOT)}", flush=True)
-        done(p, _outcome(p))
-    if jobs > 1 and rest:
-        # longest first (by the last recorded times), so the lanes finish together; each worker
-        # and its kernels use cores // jobs torch threads
-        order = sorted(rest, key=lambda p: -_last_seconds(p))
-        print(f">> executing {len(rest)} notebooks in {jobs} processes, {threads} torch thread(s) each", flush=True)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_set_threads, initargs=(threads,)) as pool:
-            futures = {pool.submit(_outcome, p): p for p in order}
-            for future in as_completed(futures):
-                done(futures[future], future.result())
+    if jobs == 1 or not rest:
+        for p in paths:
+            print(f">> executing {p.relative_to(ROOT)}", flush=True)
+            done(p, _outcome(p))
+        return 1 if failed else 0
+    # The notebooks that share no trained model (CACHE_FREE) start beside the first one; the
+    # others wait for it, then go longest first (by the last recorded times) so that the
+    # processes finish together. Every process and its kernels use cores // jobs torch threads.
+    free = [p for p in rest if p.stem in CACHE_FREE]
+    order = sorted((p for p in rest if p not in free), key=lambda p: -_last_seconds(p))
+    print(f">> executing {len(paths)} notebooks in {jobs} processes, {threads} torch thread(s) each: "
+          f"{', '.join(p.stem for p in first + free)} first", flush=True)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_set_threads, initargs=(threads,)) as pool:
+        head = pool.submit(_outcome, first[0])
+        futures = {pool.submit(_outcome, p): p for p in free}
+        done(first[0], head.result())
+        futures.update({pool.submit(_outcome, p): p for p in order})
+        for future in as_completed(futures):
+            done(futures[future], future.result())
     return 1 if failed else 0
 
 
@@ -249,6 +254,11 @@ def _outcome(path: Path):
 def _set_threads(n: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(n)  # the kernels this worker starts inherit it
 
+
+#: Notebooks that train no model the others share (chapter 9 reads the committed results and
+#: re-derives its live lines in a private, empty model cache): they need not wait for the
+#: first notebook, which trains the shared classifiers into the model cache.
+CACHE_FREE = ("09_reproduction",)
 
 #: Where no record of times exists yet (a fresh clone), these chapters start first: the slowest
 #: in every recorded build (chapter 9 re-derives three sweep lines; chapter 8 retrains six arms).

@@ -585,3 +585,24 @@ def _boot_median(values, level, n, generator):
 ])
 def test_bootstrap_diagnoses(fn, points, words, capsys):
     assert_score(check_bootstrap_ci, fn, capsys, points, *words)
+
+
+def test_points_typed_in_the_assignment_text_match_the_metadata():
+    """The assignment's text types its item count, total and each item's points (a student
+    reads them before any cell runs): they must be the nbgrader metadata's."""
+    import re
+
+    import nbformat
+
+    from mesa_lib.detect import FLAG_ASR, FLAG_INDEX
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    md = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    its = items(NOTEBOOK)
+    words = {10: "Ten", 11: "Eleven", 12: "Twelve", 13: "Thirteen", 14: "Fourteen", 15: "Fifteen", 16: "Sixteen"}
+    assert f"{words[len(its)]} items" in md[0], md[0][:200]
+    assert f"worth **{sum(i.points for i in its):g} points**" in md[0], md[0][:200]
+    typed = [float(p) for s in md for p in re.findall(r"^\*(\d+) points?\.\*$", s, re.M)]
+    assert typed == [i.points for i in its]
+    text = " ".join(" ".join(md).split())
+    assert f"the top ASR is at least {FLAG_ASR:.0%} and the index is above {FLAG_INDEX:g}" in text

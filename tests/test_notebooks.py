@@ -53,10 +53,11 @@ def test_notebook(path):
 
 
 def test_side_by_side_execution_stores_each_notebook_once(tmp_path, monkeypatch):
-    """``scripts/notebooks.py --jobs 2`` (what ``make book`` runs): the first notebook alone,
-    the others in two worker processes with cores // 2 torch threads each; the parent stores every
-    executed notebook in the cache and records its time; a failing notebook fails the run
-    with its cell's error, and the others are still stored."""
+    """``scripts/notebooks.py --jobs 2`` (what ``make book`` runs): the first notebook with the
+    cache-free ones beside it (``a`` waits until ``e`` has started), the others after it (``b``
+    finds what ``a`` left), in two worker processes with cores // 2 torch threads each; the parent
+    stores every executed notebook in the cache and records its time; a failing notebook fails
+    the run with its cell's error, and the others are still stored."""
     import json
 
     import nbformat
@@ -65,12 +66,20 @@ def test_side_by_side_execution_stores_each_notebook_once(tmp_path, monkeypatch)
     monkeypatch.setattr(notebooks, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(notebooks, "TIMES", tmp_path / "times.json")
     monkeypatch.setattr(notebooks, "ROOT", tmp_path)
+    monkeypatch.setattr(notebooks, "CACHE_FREE", ("e",))
     paths = []
     import os
 
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
-    for name, code in [("a", "x = 1"), ("b", f"import os\nassert os.environ['OMP_NUM_THREADS'] == '{threads}'"),
-                       ("c", "print('c')"), ("d", "raise ValueError('chapter d is wrong')")]:
+    flag = f"import pathlib, time\nflag = pathlib.Path(r'{tmp_path}')"
+    wait_for_e = (f"{flag} / 'e_started'\nt = time.time()\nwhile not flag.exists() and time.time() - t < 120:\n"
+                  "    time.sleep(0.1)\nassert flag.exists(), 'e did not start beside a'\n"
+                  f"pathlib.Path(r'{tmp_path}', 'a_done').touch()")
+    for name, code in [("a", wait_for_e),
+                       ("b", f"import os\nassert os.environ['OMP_NUM_THREADS'] == '{threads}'\n"
+                             f"{flag} / 'a_done'\nassert flag.exists(), 'b started before a ended'"),
+                       ("c", "print('c')"), ("d", "raise ValueError('chapter d is wrong')"),
+                       ("e", f"{flag} / 'e_started'\nflag.touch()")]:
         nb = nbformat.v4.new_notebook()
         nb.cells = [nbformat.v4.new_code_cell(code)]
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -78,10 +87,10 @@ def test_side_by_side_execution_stores_each_notebook_once(tmp_path, monkeypatch)
         nbformat.write(nb, paths[-1])
     assert notebooks.main([str(p) for p in paths] + ["--jobs", "2"]) == 1
     cache = get_cache(str(tmp_path / "cache"))
-    for p in paths[:3]:
+    for p in paths[:3] + paths[4:]:
         cache.match_cache_notebook(nbformat.read(p, as_version=4))  # raises KeyError if not stored
     assert notebooks.uncached(paths, tmp_path / "cache") == [paths[3]]
-    assert set(json.loads((tmp_path / "times.json").read_text())) == {"a.ipynb", "b.ipynb", "c.ipynb"}
+    assert set(json.loads((tmp_path / "times.json").read_text())) == {"a.ipynb", "b.ipynb", "c.ipynb", "e.ipynb"}
 
 
 def _store_one(args):
