@@ -4,7 +4,13 @@ distribution of triggers, on CPU or GPU.
 The modules follow the data's path through the method:
 ``data -> triggers -> models -> attack -> mine -> mesa -> detect -> baselines -> defense ->
 evaluate -> plots``, with :mod:`~mesa_lib.presets` holding every setting and
-:mod:`~mesa_lib.pipeline` running the whole story.
+:mod:`~mesa_lib.pipeline` running the whole story. Shared checks and helpers sit below them
+(:mod:`~mesa_lib.common`, :mod:`~mesa_lib.validate`, :mod:`~mesa_lib.datafiles`); the
+experiment runners above (:mod:`~mesa_lib.sweep`, :mod:`~mesa_lib.cli`). Apart from the
+method, for teaching: :mod:`~mesa_lib.book` (a chapter's setup), :mod:`~mesa_lib.classroom`
+(the exercises' checkers and grading), :mod:`~mesa_lib.toy` (the 2-D landscape of chapters
+4 and 5), :mod:`~mesa_lib.zoo` (the detection game) and :mod:`~mesa_lib.devicecheck` (GPU
+mistakes caught on a CPU).
 """
 
 from .common import __version__

@@ -20,7 +20,7 @@ from .mesa import MesaConfig, train_mesa
 from .validate import num_classes
 
 __all__ = ["DetectionResult", "scan_classes", "anomaly_index_of_top", "is_flagged", "defender_halves",
-           "FLAG_ASR", "FLAG_INDEX", "RULE"]
+           "FLAG_ASR", "FLAG_INDEX", "RULE", "SEARCH_SHARE"]
 
 FLAG_ASR = 0.5
 """A scan flags a backdoor only if its top class's triggers reach at least this ASR ..."""
@@ -46,11 +46,15 @@ def anomaly_index_of_top(asr) -> tuple[int, float]:
     return top, float((a[top] - med) / mad.clamp(min=1e-3))
 
 
+SEARCH_SHARE = 0.75
+"""The share of the defender's modelling split that trigger searches run on; the rest checks them."""
+
+
 def defender_halves(data: ImageSet, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """The defender's modelling split cut into a search part (75%) and a held-out check part
-    (25%, seeded): triggers are searched on the first and scored on the second, so that no
-    defender's choice ever looks at the evaluation split."""
-    return split_test(data, 0.75, seed=seed)
+    """The defender's modelling split cut into a search part (:data:`SEARCH_SHARE`) and a
+    held-out check part (the rest, seeded): triggers are searched on the first and scored on
+    the second, so that no defender's choice ever looks at the evaluation split."""
+    return split_test(data, SEARCH_SHARE, seed=seed)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from .models import BatchTransform, train_classifier
 from .validate import check_target, check_trigger, finite_number, image_tensor, num_classes, positive_int
 
 __all__ = [
+    "NC_THRESHOLD",
     "NCConfig",
     "ReversedTriggers",
     "NCDetection",
@@ -171,7 +172,11 @@ class NCDetection:
         return asdict(self)
 
 
-def detect_backdoor(reversed_: ReversedTriggers, threshold: float = 2.0) -> NCDetection:
+NC_THRESHOLD = 2.0
+"""Neural Cleanse flags a class whose mask's anomaly index exceeds this (the paper's value)."""
+
+
+def detect_backdoor(reversed_: ReversedTriggers, threshold: float = NC_THRESHOLD) -> NCDetection:
     """Neural Cleanse's decision from the reversed masks."""
     norms = reversed_.l1_norms.double().cpu()
     idx = anomaly_index(norms)

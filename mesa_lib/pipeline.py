@@ -263,6 +263,10 @@ class StageContext:
     def evaluate(self, model: nn.Module) -> dict:
         return _evaluate_arm(model, self.splits, self.trigger, self.target, self.seed, self.fired)
 
+    def defend(self, sampler, proto: Protocol) -> nn.Module:
+        """A copy of the backdoored model retrained against ``sampler``'s triggers under ``proto``."""
+        return _defend(self.backdoored, self.splits, sampler, proto, self.preset, self.seed, self.progress)
+
 
 def _evaluate_arm(model: nn.Module, splits: DatasetSplits, trigger: torch.Tensor, target: int, seed: int,
                   fired: list) -> dict:
@@ -353,40 +357,44 @@ def run_pipeline(
 
     with run.stage("point_search", save=True):
         res["point_search"] = _point_search(backdoored, search, check, defended, preset, seed, progress)
-    points = torch.tensor(res["point_search"]["triggers"], device=run.device)
-    best = res["point_search"]["best"]
 
+    ctx = StageContext(backdoored, splits, trigger, target, defended, search, check, preset, seed, progress, fired)
     arms: dict = {"mesa": sampler}
     if oracle:
         arms["oracle"] = FixedTrigger(trigger)
     if controls:
         arms["random"] = UniformNoiseTrigger(splits.channels, device=run.device)
-    for proto in protocols(preset):
-        into = res if proto.name == "headline" else res.setdefault("second", {"protocol": dataclasses.asdict(proto)})
-        suffix = "" if proto.name == "headline" else "_second"
-        for name, smp in arms.items():
-            with run.stage(f"defense_{name}{suffix}", save=True):
-                fixed = _defend(backdoored, splits, smp, proto, preset, seed, progress)
-                into[name] = _evaluate_arm(fixed, splits, trigger, target, seed, fired)
-        with run.stage(f"defense_point{suffix}", save=True):
-            # every start under the headline protocol (worst, median and best-of-k);
-            # the selected start alone under the second one
-            starts = range(len(points)) if proto.name == "headline" else [best]
-            done = [_evaluate_arm(_defend(backdoored, splits, FixedTrigger(points[i]), proto, preset, seed, progress),
-                                  splits, trigger, target, seed, fired) for i in starts]
-            if proto.name == "headline":
-                into["point_starts"] = done
-                into["point"] = done[best]
-            else:
-                into["point"] = done[0]
+    points = torch.tensor(res["point_search"]["triggers"], device=run.device)
+    _defenses(run, ctx, arms, points, res["point_search"]["best"])
     res["protocols"] = [dataclasses.asdict(p) for p in protocols(preset)]
 
-    ctx = StageContext(backdoored, splits, trigger, target, defended, search, check, preset, seed, progress, fired)
     for name, fn in (extra_stages or {}).items():
         with run.stage(name, save=True):
             res.update(fn(ctx))
-
     return run.finish()
+
+
+def _defenses(run: _Run, ctx: StageContext, arms: dict, points: torch.Tensor, best: int) -> None:
+    """Retrain against each arm's triggers under every protocol of the preset, one timed stage
+    each, and measure the defended model (the headline protocol into the result's top level,
+    the second under ``"second"``). The point baseline retrains from every start under the
+    headline protocol (worst, median and best-of-k) and from the selected start alone under the
+    second."""
+    res = run.result
+    for proto in protocols(ctx.preset):
+        headline = proto.name == "headline"
+        into = res if headline else res.setdefault("second", {"protocol": dataclasses.asdict(proto)})
+        suffix = "" if headline else "_second"
+        for name, smp in arms.items():
+            with run.stage(f"defense_{name}{suffix}", save=True):
+                into[name] = ctx.evaluate(ctx.defend(smp, proto))
+        with run.stage(f"defense_point{suffix}", save=True):
+            done = [ctx.evaluate(ctx.defend(FixedTrigger(points[i]), proto))
+                    for i in (range(len(points)) if headline else [best])]
+            if headline:
+                into["point_starts"], into["point"] = done, done[best]
+            else:
+                into["point"] = done[0]
 
 
 def _low_mi(final_mi: list | None, pattern: int) -> list[int]:

@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 
 from .attack import check_ratio, poison_transform
-from .data import DatasetSplits, ImageSet, load_dataset, split_test
+from .data import DatasetSplits, ImageSet, load_dataset
 from .evaluate import attack_success_rate, clean_accuracy
 from .models import build_model, load_weights, save_weights, train_classifier
 from .presets import Preset, get_preset
@@ -480,13 +480,13 @@ def reference_submission(
     """
     from dataclasses import replace
 
-    from .detect import scan_classes
+    from .detect import defender_halves, scan_classes
 
     manifest = load_manifest(zoo_dir)
     preset = get_preset(manifest["preset"])
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = defender_data(manifest, dev, root=root)
-    search, check = split_test(data, 0.75, seed=seed)
+    search, check = defender_halves(data, seed)  # the detection chapter's split
     cfg = replace(preset.mesa, steps=preset.detect_steps if steps is None else int(steps),
                   batch_size=preset.detect_batch)
     rows = []
