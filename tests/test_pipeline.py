@@ -127,13 +127,15 @@ def test_presets():
 @pytest.mark.slow
 def test_fast_pipeline_end_to_end(cache, tmp_path):
     """The paper's story on Fashion-MNIST with the fast preset, cold, under the headline
-    protocol (the paper's 1%); the second protocol's structure is checked by the tiny runs
-    above and its numbers by chapter 9's committed lines."""
+    protocol (the paper's 1%) and with one point start; the second protocol and the point
+    starts are checked on tiny data above and in tests/test_sweep.py, and their numbers by
+    chapter 9's committed lines."""
     if not real_fmnist_available():
         pytest.skip("Fashion-MNIST not found in /usr/share/datasets/fashion-mnist or the cache "
                     "(install dataset-fashion-mnist or run `make data`)")
     out = tmp_path / "r.json"
-    r = run_pipeline(preset=get_preset("fast").with_(second_ratio=None), seed=0, out=out, progress=False)
+    r = run_pipeline(preset=get_preset("fast").with_(second_ratio=None, point_starts=1), seed=0, out=out,
+                     progress=False)
     assert "second" not in r
     res = _check_result_file(out, r)
     print({k: r[k] for k in STAGE_KEYS}, r["detection"]["detected_target"], r["seconds"])
