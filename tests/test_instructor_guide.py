@@ -70,3 +70,17 @@ def test_guide_links_the_projects_page_and_every_chapter():
     for ch in ("02_backdoor", "03_one_or_many", "04_staircase", "05_mine", "06_training", "07_detection",
                "08_defense", "09_reproduction"):
         assert f"{{doc}}`{ch}`" in text
+
+
+def test_schedule_points_are_the_sums_of_its_items():
+    """The schedule's Points column types sums of the rubric's points: each row's must be the
+    sum over the items it names (``a-b:``), and the rows must cover every item once."""
+    rows = [r.split("|")[1:-1] for r in GUIDE.read_text().split("## A suggested schedule", 1)[1]
+            .split("\n## ", 1)[0].splitlines() if r.startswith("| ") and re.search(r"\| \d+-\d+:", r)]
+    points = [i.points for i in items(NOTEBOOK)]
+    covered = []
+    for row in rows:
+        a, b = map(int, re.search(r"(\d+)-(\d+):", row[2]).groups())
+        assert float(row[3]) == sum(points[a - 1:b]), row
+        covered += range(a, b + 1)
+    assert covered == list(range(1, len(points) + 1))
