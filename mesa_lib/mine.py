@@ -16,9 +16,10 @@ The moving average is robust to one extreme batch: a batch's ``log mean exp T`` 
 clipped at ``log_ma + log((1 + r) / r)``, so one batch can at most double the average (and
 its loss term is clipped the same way). Without the clip, one batch of values around 1e6
 raised the log-average by about 1e6 nats, which the rate-0.001 average then took about a
-billion steps to forget (each step lowers it by at most ``-log(1 - r)``, about 1e-3 nats), turning off the bias-corrected log term meanwhile. The clip is a
-``torch.where`` that returns the unclipped value bit for bit whenever a batch is below it,
-so normal batches are computed exactly as before.
+billion steps to forget (each step lowers it by at most ``-log(1 - r)``, about 1e-3 nats),
+turning off the bias-corrected log term meanwhile. The clip is a ``torch.where`` that returns
+the unclipped value bit for bit whenever a batch is below it, so normal batches are computed
+exactly as before.
 """
 
 from __future__ import annotations

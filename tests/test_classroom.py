@@ -590,8 +590,6 @@ def test_bootstrap_diagnoses(fn, points, words, capsys):
 def test_points_typed_in_the_assignment_text_match_the_metadata():
     """The assignment's text types its item count, total and each item's points (a student
     reads them before any cell runs): they must be the nbgrader metadata's."""
-    import re
-
     import nbformat
 
     from mesa_lib.detect import FLAG_ASR, FLAG_INDEX
