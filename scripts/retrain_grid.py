@@ -11,6 +11,14 @@ never with the defense being compared. The cosine runs also retrain against unif
 patches (the control that knows nothing of the backdoor). Writes ``book/results/retrain_grid.json``::
 
     MESA_CACHE_DIR=... python scripts/retrain_grid.py --out book/results/retrain_grid.json
+
+With ``--held-out`` every run is scored on the defender's own data instead: the modelling split is
+cut by :func:`mesa_lib.detect.defender_halves` into a retraining part (the search share) and a
+held-out check part, the runs retrain on the first and are scored on the second, and the 2,000
+evaluation images are never looked at. That is the file chapter 8 chooses the protocol from::
+
+    MESA_CACHE_DIR=... python scripts/retrain_grid.py --held-out --lrs "" \
+        --out book/results/retrain_grid_heldout.json
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mesa_lib.common import atomic_write_text, code_fingerprint, git_state  # noqa: E402
 from mesa_lib.data import load_dataset  # noqa: E402
 from mesa_lib.defense import retrain  # noqa: E402
+from mesa_lib.detect import SEARCH_SHARE, defender_halves  # noqa: E402
 from mesa_lib.evaluate import evaluate_model  # noqa: E402
 from mesa_lib.pipeline import get_backdoored_model, get_clean_model, make_trigger  # noqa: E402
 from mesa_lib.presets import get_preset  # noqa: E402
@@ -42,12 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--cosine-lrs", default="0.01,0.03,0.05,0.1", help="learning rates of the cosine runs at the first ratio")
     ap.add_argument("--cosine-epochs", default="3,5,10", help="lengths of the cosine runs (each its own run)")
+    ap.add_argument("--held-out", action="store_true",
+                    help="retrain on the defender's search share of the modelling split and score on its held-out "
+                         "rest (never the evaluation split)")
     args = ap.parse_args(argv)
     preset = get_preset("fast")
     splits = load_dataset("fashion-mnist")
     trigger = make_trigger(splits, args.pattern)
     clean = get_clean_model(splits, preset, 0, progress=False)
     bd = get_backdoored_model(clean, splits, trigger, 0, preset, 0, progress=False)
+    if args.held_out:
+        train_on, score_on = defender_halves(splits.model, seed=0)
+        scored = (f"held-out {1 - SEARCH_SHARE:.0%} of the modelling split ({len(score_on.labels)} images); "
+                  f"retrained on the other {SEARCH_SHARE:.0%} ({len(train_on.labels)} images)")
+    else:
+        train_on, score_on = splits.model, splits.eval
+        scored = f"evaluation split ({len(score_on.labels)} images); retrained on the modelling split"
     rows = []
     t0 = time.perf_counter()
     for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -55,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             curve = []
 
             def cb(epoch, model, curve=curve):
-                curve.append({"epoch": epoch, **evaluate_model(model, splits.eval, trigger, 0, seed=0)})
+                curve.append({"epoch": epoch, **evaluate_model(model, score_on, trigger, 0, seed=0)})
 
-            retrain(bd, splits.model, FixedTrigger(trigger), ratio=ratio, epochs=args.epochs, lr=lr,
+            retrain(bd, train_on, FixedTrigger(trigger), ratio=ratio, epochs=args.epochs, lr=lr,
                     batch_size=preset.batch_size, seed=2, progress=False, callback=cb)
             rows.append({"ratio": ratio, "lr": lr, "schedule": "constant", "oracle_curve": curve})
             print(ratio, lr, [(c["epoch"], round(100 * c["asr"], 1), round(100 * c["clean_acc"], 1)) for c in curve],
@@ -69,16 +88,17 @@ def main(argv: list[str] | None = None) -> int:
             # the oracle, and the control that knows nothing of the backdoor (uniform-noise patches):
             # a protocol under which the control also removes the backdoor cannot tell triggers apart
             for arm, smp in (("oracle", FixedTrigger(trigger)), ("random", UniformNoiseTrigger(splits.channels))):
-                fixed = retrain(bd, splits.model, smp, ratio=ratio, epochs=epochs, lr=lr,
+                fixed = retrain(bd, train_on, smp, ratio=ratio, epochs=epochs, lr=lr,
                                 batch_size=preset.batch_size, seed=2, progress=False, schedule="cosine")
-                row[arm] = evaluate_model(fixed, splits.eval, trigger, 0, seed=0)
+                row[arm] = evaluate_model(fixed, score_on, trigger, 0, seed=0)
             rows.append(row)
             print(ratio, lr, "cosine", epochs, {a: round(100 * row[a]["asr"], 1) for a in ("oracle", "random")},
                   round(100 * row["oracle"]["clean_acc"], 1), flush=True)
     result = {
         "pattern": args.pattern, "seed": 0, "preset": "fast", "arm": "oracle",
-        "clean": evaluate_model(clean, splits.eval, trigger, 0, seed=0),
-        "backdoored": evaluate_model(bd, splits.eval, trigger, 0, seed=0),
+        "scored_on": scored, "held_out": bool(args.held_out),
+        "clean": evaluate_model(clean, score_on, trigger, 0, seed=0),
+        "backdoored": evaluate_model(bd, score_on, trigger, 0, seed=0),
         "grid": rows, "seconds": round(time.perf_counter() - t0, 1),
         "code": code_fingerprint(), "git": git_state(), "torch_threads": torch.get_num_threads(),
     }
