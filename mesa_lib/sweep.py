@@ -523,8 +523,9 @@ METHODS = {"backdoored": "attack, no defense", "mesa": "MESA", "point": "point b
 ARMS = {"mesa": "MESA", "point": "point, best of k", "point_median": "point, median start",
         "point_worst": "point, worst start", "nc": "Neural Cleanse", "random": "random patches (control)",
         "oracle": "oracle (true trigger)"}
-"""The defenses a summary reports; ``point`` is the start chosen on the defender's check half,
-``point_median`` / ``point_worst`` summarise all starts (headline protocol only)."""
+"""The defenses a summary reports; ``point`` is the start ranked best on the defender's check half,
+``point_median`` / ``point_worst`` the starts it ranks in the middle and last (headline protocol
+only; :func:`arm_result`)."""
 
 
 def load_sweep(path: str | Path) -> list[dict]:
@@ -539,31 +540,35 @@ def load_sweep(path: str | Path) -> list[dict]:
 
 def arm_result(line: dict, arm: str, protocol: str = "headline") -> dict | None:
     """One arm's numbers on one line: ``{"asr", "clean_acc", "target_recall", "residual"}``
-    (None where the line does not have it). ``point_median`` / ``point_worst`` take, metric by
-    metric, the median / worst over the point starts (headline protocol)."""
+    (None where the line does not have it). ``point_median`` / ``point_worst`` are actual
+    starts of the point baseline (headline protocol), ranked as ``point`` is, by the defender's
+    own score -- their ASR on the held-out check half before retraining
+    (``line["point_search"]["check_asr"]``), never by the evaluation split: the worst is the
+    lowest-scored start, the median the start ranked ``k // 2 + 1`` of ``k`` from the top (of
+    four starts, the second best: of the two middle starts the one the defender ranks
+    higher)."""
     if arm in ("backdoored", "clean"):
         return line.get(arm)
     src = line if protocol == "headline" else line.get("second", {})
     if arm in ("point_median", "point_worst"):
         starts = src.get("point_starts")
-        return _over_starts(starts, worst=arm == "point_worst") if starts else None
+        if not starts:
+            return None
+        return starts[ranked_start(line["point_search"]["check_asr"], "median" if arm == "point_median" else "worst")]
     return src.get(arm)
 
 
-def _over_starts(starts: Sequence[dict], worst: bool) -> dict:
-    """Metric by metric over the point starts: the worst (highest ASR and residual, lowest
-    accuracy and recall) or the median."""
-    def pick(values: list[float], higher_is_worse: bool) -> float:
-        if not worst:
-            return float(median(torch.tensor(values, dtype=torch.float64)))
-        return max(values) if higher_is_worse else min(values)
-
-    recalls = [s.get("target_recall") for s in starts]
-    return {"asr": pick([s["asr"] for s in starts], True),
-            "clean_acc": pick([s["clean_acc"] for s in starts], False),
-            "target_recall": pick(recalls, False) if None not in recalls else None,
-            "residual": {k: pick([s["residual"][k] for s in starts], True)
-                         for k in ("fired", "mean_fired_before", "max")}}
+def ranked_start(check_asr: Sequence[float], which: str) -> int:
+    """The index of the ``"best"``, ``"median"`` or ``"worst"`` point start by the defender's
+    check score (ties broken by the lower index, as ``argmax`` breaks them for the best)."""
+    order = sorted(range(len(check_asr)), key=lambda i: (-check_asr[i], i))
+    if which == "best":
+        return order[0]
+    if which == "worst":
+        return order[-1]
+    if which == "median":
+        return order[(len(order) - 1) // 2]
+    raise ValueError(f"which must be 'best', 'median' or 'worst', got {which!r}")
 
 
 def _stats(values: Sequence[float]) -> dict:

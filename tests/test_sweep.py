@@ -322,17 +322,26 @@ def test_summarize_computes_ranges_changes_and_hits(tmp_path):
     assert "50%" in d["rule"] and "> 2" in d["rule"]
 
 
-def test_point_median_and_worst_take_every_start():
-    from mesa_lib.sweep import arm_result
+def test_point_median_and_worst_are_starts_ranked_by_the_defenders_check_score():
+    from mesa_lib.sweep import arm_result, ranked_start
 
     starts = [{"asr": a, "clean_acc": 0.9 - a / 10, "target_recall": 0.8,
                "residual": {"fired": f, "mean_fired_before": a / 2, "max": a}}
               for a, f in ((0.1, 1), (0.4, 5), (0.2, 2), (0.3, 0))]
-    line = {"point_starts": starts, "point": starts[0], "backdoored": {"asr": 1.0, "clean_acc": 0.9}}
+    # the defender ranks the starts by their check ASR before retraining: 2, 0, 3, 1
+    check = [0.9, 0.5, 0.95, 0.7]
+    line = {"point_starts": starts, "point": starts[2], "point_search": {"check_asr": check, "best": 2},
+            "backdoored": {"asr": 1.0, "clean_acc": 0.9}}
+    assert [ranked_start(check, w) for w in ("best", "median", "worst")] == [2, 0, 1]
     med, worst = arm_result(line, "point_median"), arm_result(line, "point_worst")
-    assert abs(med["asr"] - 0.25) < 1e-12  # an even count: the mean of the two middle values
-    assert worst["asr"] == 0.4 and worst["residual"]["fired"] == 5 and abs(worst["clean_acc"] - 0.86) < 1e-12
-    assert arm_result(line, "point") is starts[0] and arm_result(line, "point_median", "second") is None
+    assert med is starts[0] and worst is starts[1]  # actual starts, not a mean of two
+    # ranked by the defender's score, not by what the evaluation split says after retraining
+    assert worst["asr"] == 0.4 and max(s["asr"] for s in starts) == 0.4
+    line["point_search"]["check_asr"] = [0.1, 0.9, 0.5, 0.7]
+    assert arm_result(line, "point_worst") is starts[0] and arm_result(line, "point_median") is starts[3]
+    assert arm_result(line, "point") is starts[2] and arm_result(line, "point_median", "second") is None
+    with pytest.raises(ValueError, match="best"):
+        ranked_start(check, "typical")
 
 
 def test_bootstrap_interval_and_sign_test():
