@@ -21,6 +21,10 @@ FMNIST_DIR   ?= /usr/share/datasets/fashion-mnist
 FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
                 t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 
+# make book FORCE=1 executes every notebook; by default a notebook whose executed copy is up to date
+# (nothing it reads changed: scripts/notebooks.py's inputs_stamp) is not executed again.
+FORCE ?=
+
 # Extra arguments for pytest, e.g.  make test PYTEST_ARGS='-m "not slow" -x'
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test` (--dist loadfile: a test file runs in one worker): half of the
@@ -96,7 +100,7 @@ BUILD_BOOK = mkdir -p _build && set -o pipefail && $(VENV)/bin/jupyter-book buil
 	&& { ! grep -n "Executing notebook" $(BUILD_LOG) || { echo "ERROR: the build executed a notebook itself (see above); run the notebooks first" >&2; exit 1; }; }
 
 book: install data
-	$(PY) scripts/notebooks.py
+	$(PY) scripts/notebooks.py $(if $(FORCE),--force,)
 	$(BUILD_BOOK)
 	@echo ">> book built: open _build/html/index.html"
 

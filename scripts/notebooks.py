@@ -15,6 +15,14 @@ per-notebook times go to ``_build/notebook_times.json``.
     python scripts/notebooks.py --jobs 1   # one after another
     python scripts/notebooks.py book/05_mine.ipynb
     python scripts/notebooks.py --check-cached   # exit 1 unless every notebook is cached
+    python scripts/notebooks.py --force    # execute every notebook, even those up to date
+
+A notebook is *up to date*, and is not executed again, when the cache holds an executed match of
+it (jupyter-cache matches the code cells) and nothing else it reads has changed since: the
+notebook file itself, the package's source (its code fingerprint), the committed results under
+``book/results/``, the torch version and the ``MESA_*`` settings of the environment (the inputs
+recorded in ``_build/notebook_inputs.json`` when it was executed). ``make book`` on a finished
+build therefore executes nothing; ``make book FORCE=1`` (``--force``) executes every notebook.
     MESA_STRICT_DEVICE=0 python scripts/notebooks.py --jobs 4 --executed /tmp/nb   # on a GPU
 
 ``--executed DIR`` also writes each executed notebook to ``DIR`` (a new folder, or one without
@@ -37,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from mesa_lib.common import atomic_write_text  # noqa: E402
 CACHE = ROOT / "_build" / ".jupyter_cache"
 TIMES = ROOT / "_build" / "notebook_times.json"
+INPUTS = ROOT / "_build" / "notebook_inputs.json"
 DEFAULT_TIMEOUT_S = 1200
 
 STRICT_DEVICE = {"02_backdoor", "03_one_or_many", "04_staircase", "05_mine", "06_training", "07_detection",
@@ -116,9 +125,9 @@ def run(path: Path, timeout: int | None = None) -> tuple[object, float]:
     return nb, result.time
 
 
-def store(path: Path, nb, seconds: float, cache_path: Path | None = None) -> None:
+def store(path: Path, nb, seconds: float, cache_path: Path | None = None, stamp: str | None = None) -> None:
     """Put an executed notebook into the jupyter-cache (replacing an older record of it) and
-    record its time."""
+    record its time and its inputs (``stamp``, taken before it ran: :func:`inputs_stamp`)."""
     from jupyter_cache import get_cache
     from jupyter_cache.base import CacheBundleIn
 
@@ -135,12 +144,60 @@ def store(path: Path, nb, seconds: float, cache_path: Path | None = None) -> Non
         cache.cache_notebook_bundle(CacheBundleIn(nb, record.uri, data={"execution_seconds": seconds}),
                                     check_validity=False, overwrite=True)
         _record_time(path, seconds)
+        if stamp is not None and (cache_path == CACHE.resolve() or cache_path == CACHE):
+            _record_inputs(path, stamp)
+
+
+def inputs_stamp(path: Path) -> str:
+    """A hash of everything a notebook reads besides its code cells: its own file, the package's
+    code fingerprint, the committed results, the torch version and the ``MESA_*`` environment."""
+    import hashlib
+
+    from mesa_lib.common import code_fingerprint
+
+    h = hashlib.sha256(Path(path).read_bytes())
+    h.update(code_fingerprint().encode())
+    results = ROOT / "book" / "results"
+    for f in sorted(results.rglob("*")) if results.is_dir() else []:
+        if f.is_file() and not f.name.endswith(".lock"):
+            h.update(f.relative_to(results).as_posix().encode() + b"\0" + f.read_bytes())
+    try:
+        from importlib.metadata import version
+
+        h.update(version("torch").encode())
+    except Exception:  # noqa: BLE001 -- no torch metadata: the stamp just lacks it
+        pass
+    for key in sorted(k for k in os.environ if k.startswith("MESA_") and k != "MESA_CACHE_DIR"):
+        h.update(f"{key}={os.environ[key]}".encode())
+    return h.hexdigest()[:16]
+
+
+def _record_inputs(path: Path, stamp: str) -> None:
+    try:
+        stamps = json.loads(INPUTS.read_text()) if INPUTS.is_file() else {}
+    except ValueError:
+        stamps = {}
+    stamps[Path(path).resolve().relative_to(ROOT).as_posix()] = stamp
+    atomic_write_text(INPUTS, json.dumps(stamps, indent=1, sort_keys=True))
+
+
+def up_to_date(paths: list[Path], cache_path: Path | None = None) -> list[Path]:
+    """The notebooks of ``paths`` whose executed copy in the cache still stands: a cached match,
+    and the inputs recorded when it was executed equal to today's (:func:`inputs_stamp`)."""
+    try:
+        stamps = json.loads(INPUTS.read_text()) if INPUTS.is_file() else {}
+    except ValueError:
+        stamps = {}
+    missing = set(uncached(paths, cache_path)) if (Path(cache_path or CACHE)).exists() else set(paths)
+    return [p for p in paths if p not in missing
+            and stamps.get(Path(p).resolve().relative_to(ROOT).as_posix()) == inputs_stamp(p)]
 
 
 def execute(path: Path, cache_path: Path | None = None, timeout: int | None = None) -> float:
     """Execute one notebook and store it in the jupyter-cache; returns its time in seconds."""
+    stamp = inputs_stamp(path)
     nb, seconds = run(path, timeout)
-    store(path, nb, seconds, cache_path)
+    store(path, nb, seconds, cache_path, stamp)
     return seconds
 
 
@@ -178,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                          "more cores, else 1)")
     ap.add_argument("--check-cached", action="store_true",
                     help="execute nothing; exit 1 if a notebook has no executed copy in the cache")
+    ap.add_argument("--force", action="store_true",
+                    help="execute every notebook, also those whose cached copy is up to date")
     ap.add_argument("--executed", type=Path, default=None, metavar="DIR",
                     help="also write each executed notebook to DIR (refuses to overwrite one there)")
     args = ap.parse_args(argv)
@@ -193,6 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         for p in missing:
             print(f"not executed: {p.relative_to(ROOT)} (run `python scripts/notebooks.py` first)", file=sys.stderr)
         return 1 if missing else 0
+    if not args.force and args.executed is None:
+        fresh = up_to_date(paths)
+        for p in fresh:
+            print(f"   {p.relative_to(ROOT)}: up to date (nothing it reads changed; --force re-runs it)", flush=True)
+        paths = [p for p in paths if p not in fresh]
+        if not paths:
+            print(">> every notebook is up to date: nothing to execute", flush=True)
+            return 0
+    stamps = {p: inputs_stamp(p) for p in paths}
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {jobs}")
@@ -205,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAILED {outcome}", file=sys.stderr, flush=True)
         else:
             nb, seconds = outcome
-            store(p, nb, seconds)
+            store(p, nb, seconds, stamp=stamps[p])
             if args.executed is not None:
                 import nbformat
 

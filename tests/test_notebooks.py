@@ -65,6 +65,7 @@ def test_side_by_side_execution_stores_each_notebook_once(tmp_path, monkeypatch)
 
     monkeypatch.setattr(notebooks, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(notebooks, "TIMES", tmp_path / "times.json")
+    monkeypatch.setattr(notebooks, "INPUTS", tmp_path / "inputs.json")
     monkeypatch.setattr(notebooks, "ROOT", tmp_path)
     monkeypatch.setattr(notebooks, "CACHE_FREE", ("e",))
     paths = []
@@ -91,6 +92,48 @@ def test_side_by_side_execution_stores_each_notebook_once(tmp_path, monkeypatch)
         cache.match_cache_notebook(nbformat.read(p, as_version=4))  # raises KeyError if not stored
     assert notebooks.uncached(paths, tmp_path / "cache") == [paths[3]]
     assert set(json.loads((tmp_path / "times.json").read_text())) == {"a.ipynb", "b.ipynb", "c.ipynb", "e.ipynb"}
+
+
+def test_a_second_run_executes_only_what_changed(tmp_path, monkeypatch, capsys):
+    """``make book`` on a finished build executes nothing; a changed notebook, or a changed input
+    it reads (a committed results file), is executed again, the others not; ``--force`` executes
+    every one."""
+    import json
+
+    import nbformat
+
+    monkeypatch.setattr(notebooks, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(notebooks, "TIMES", tmp_path / "times.json")
+    monkeypatch.setattr(notebooks, "INPUTS", tmp_path / "inputs.json")
+    monkeypatch.setattr(notebooks, "ROOT", tmp_path)
+    results = tmp_path / "book" / "results"
+    results.mkdir(parents=True)
+    (results / "r.json").write_text("1")
+    paths = []
+    for name in ("a", "b"):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(f"print('{name}')")]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        paths.append(tmp_path / f"{name}.ipynb")
+        nbformat.write(nb, paths[-1])
+
+    def executed(*extra):
+        capsys.readouterr()
+        assert notebooks.main([str(p) for p in paths] + ["--jobs", "1", *extra]) == 0
+        out = capsys.readouterr().out
+        return sorted(p.stem for p in paths if f">> executing {p.name}" in out)
+
+    assert executed() == ["a", "b"]
+    assert executed() == []                      # nothing changed: nothing runs
+    nb = nbformat.read(paths[1], as_version=4)
+    nb.cells[0].source = "print('b, changed')"
+    nbformat.write(nb, paths[1])
+    assert executed() == ["b"]                   # only the changed notebook
+    (results / "r.json").write_text("2")
+    assert executed() == ["a", "b"]              # an input both read
+    assert executed() == []
+    assert executed("--force") == ["a", "b"]
+    assert set(json.loads((tmp_path / "inputs.json").read_text())) == {"a.ipynb", "b.ipynb"}
 
 
 def _store_one(args):
