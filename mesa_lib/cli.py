@@ -17,11 +17,12 @@ import argparse
 import sys
 from typing import NoReturn
 
+from .common import DiskFullError
 from .common import check_writable as check_out_path
 
 __all__ = ["main", "format_table", "parse_device", "check_out_path"]
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _EXIT_CODES = """exit codes:
   0  success
@@ -162,15 +163,48 @@ def _preset_name(value: str) -> str:
 # ---------------------------------------------------------------- parser
 
 
+MAX_SEEDS = 10_000
+"""The most clean models one ``clean-controls`` run may name."""
+
+
+def _seed_type(value: str) -> int:
+    """An argparse type: an experiment seed in ``0..MAX_SEED``."""
+    from .validate import check_seed
+
+    try:
+        return check_seed(int(value), "the seed")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive(value: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value!r}")
+    return n
+
+
 def _seed_list(spec: str) -> list[int]:
-    """Seeds from ``"0-9"`` or ``"0,3,5"``."""
+    """Seeds from ``"0-9"`` or ``"0,3,5"`` (at most :data:`MAX_SEEDS`)."""
     try:
         if "-" in spec.strip().lstrip("-"):
             lo, hi = (int(v) for v in spec.split("-", 1))
+            if hi < lo:
+                raise ValueError(f"--seeds range {spec!r} is empty: its first seed is above its last; "
+                                 f"write it as {hi}-{lo}") from None
+            if hi - lo + 1 > MAX_SEEDS:
+                raise ValueError(f"--seeds {spec!r} names {hi - lo + 1} clean models; at most {MAX_SEEDS} "
+                                 "in one run") from None
             seeds = list(range(lo, hi + 1))
         else:
             seeds = [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
+    except ValueError as err:
+        if str(err).startswith("--seeds"):
+            raise
         raise ValueError(f"--seeds must be a range like 0-9 or a comma list like 0,1,2; got {spec!r}") from None
     if not seeds or min(seeds) < 0:
         raise ValueError(f"--seeds must name non-negative seeds, like 0-9; got {spec!r}")
@@ -187,7 +221,7 @@ def _shared_options() -> argparse.ArgumentParser:
                         help="dataset (default fashion-mnist)")
     shared.add_argument("--preset", type=_preset_name, choices=list(PRESETS), default="fast",
                         help="fast (CPU, minutes) or paper (authors' settings, GPU); default fast")
-    shared.add_argument("--seed", type=int, default=0, help="experiment seed (default 0)")
+    shared.add_argument("--seed", type=_seed_type, default=0, help="experiment seed (default 0)")
     shared.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
     shared.add_argument("--device", type=parse_device, default=None, metavar="{cpu,cuda,cuda:N}",
                         help="where to compute (default: cuda if available, else cpu)")
@@ -224,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="the paper's experiment: every pattern, one JSON line each (resumable)")
     s.add_argument("--patterns", default="all", help="'all' (default) or a comma list of ids, e.g. 170,341")
     s.add_argument("--out", default="results/sweep.jsonl", help="JSONL file, one line per pattern; rerun to resume")
-    s.add_argument("--workers", type=int, default=1, help="patterns run in parallel (processes or Ray tasks)")
+    s.add_argument("--workers", type=_positive, default=1, help="patterns run in parallel (processes or Ray tasks)")
     s.add_argument("--backend", default="local", choices=["local", "ray"])
     s.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
     s.add_argument("--light", action="store_true", help="MESA, point starts and oracle at the headline "
@@ -234,7 +268,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="false-positive control: MESA's scan and Neural Cleanse on clean models of many seeds")
     c.add_argument("--seeds", default="0-9", help="seeds of the clean models: a range 0-9 or a comma list")
     c.add_argument("--out", default="results/clean_controls.json", help="JSON file with every scan and the rates")
-    c.add_argument("--workers", type=int, default=1, help="clean models scanned in parallel (processes)")
+    c.add_argument("--workers", type=_positive, default=1, help="clean models scanned in parallel (processes)")
     from .zoo import add_cli as add_zoo_cli
 
     add_zoo_cli(sub)  # zoo, grade, zoo-reference
@@ -280,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import run_clean_controls
 
             res = run_clean_controls(dataset=args.dataset, seeds=_seed_list(args.seeds), preset=args.preset,
-                                     out=args.out, workers=args.workers, root=args.data_root, progress=not args.quiet)
+                                     out=args.out, workers=args.workers, root=args.data_root, progress=not args.quiet,
+                                     device=args.device)
             print(f"{res['mesa_false_positives']} / {res['n']} clean models flagged by MESA's scan "
                   f"({res['rule']}), {res['nc_false_positives']} / {res['n']} by Neural Cleanse; written to {args.out}")
         elif args.command == "fetch-data":
@@ -299,4 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DiskFullError as err:
+        print(f"error: disk full while writing {err.filename}: nothing lost (the file is as it was before "
+              "that write); free some space and rerun the same command", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK

@@ -11,6 +11,7 @@ records it, so a committed number can be traced to the code that made it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -30,6 +31,8 @@ __all__ = [
     "git_state",
     "atomic_write_bytes",
     "atomic_write_text",
+    "DiskFullError",
+    "write_all",
     "torch_threads",
     "thread_count",
     "check_writable",
@@ -72,19 +75,52 @@ def git_state() -> dict:
     return {"commit": head.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())}
 
 
+class DiskFullError(OSError):
+    """Writing ``filename`` failed because its disk (or quota) is full; what was there before
+    is unchanged (the write was rolled back). The CLI turns it into one line."""
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_all(f, data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to the open binary file ``f`` and make it durable (flush + fsync).
+    A full disk (``ENOSPC``/``EDQUOT``) is raised as :class:`DiskFullError` naming ``path``."""
+    try:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(err.errno, os.strerror(err.errno), str(path)) from None
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never
     half of one: write a uniquely named temporary file beside it, flush it to disk, then
     rename it over ``path``. Two processes writing the same path both succeed (the last
-    rename wins)."""
-    path = Path(path)
+    rename wins). A symlink is followed (its target is written, the link stays). A new file
+    gets the permissions the umask gives (``0o666 & ~umask``), an existing one keeps its own
+    (``mkstemp`` alone would make every file ``0600``). A full disk raises
+    :class:`DiskFullError` and leaves ``path`` as it was."""
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            write_all(f, data, path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -134,6 +170,9 @@ def check_writable(out: str | os.PathLike) -> Path:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ValueError(f"--out {out}: {ancestor} is a file, not a folder; choose a path inside a folder")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"--out {out} is not a regular file (a device, pipe or socket); give the name of a "
+                         "results file, e.g. --out results.json")
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"--out {out} is not writable (permission denied); choose another file or fix its permissions")
     if not path.exists() and not os.access(ancestor, os.W_OK | os.X_OK):

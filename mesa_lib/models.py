@@ -13,6 +13,7 @@ the defense pass it a ``batch_transform`` that stamps triggers into each batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "save_weights",
     "load_weights",
     "describe_state_mismatch",
+    "tensors_digest",
     "BatchTransform",
 ]
 
@@ -210,15 +212,28 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> t
     return out
 
 
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 (hex) of a state dict's tensors: names, dtypes, shapes and bytes, in name
+    order. Stored in every weights file, so a flipped bit in the tensor data is found."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        flat = t.reshape(-1)
+        h.update(torch.empty(flat.shape, dtype=flat.dtype).copy_(flat).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
-    """Save a model's state dict with safetensors (no pickle). ``metadata`` is stored as JSON.
+    """Save a model's state dict with safetensors (no pickle). ``metadata`` is stored as JSON,
+    with the :func:`tensors_digest` of the tensors beside it (checked by :func:`load_weights`).
 
     The file is written atomically under a unique temporary name, so a reader never sees
     half a file and two processes saving the same path both succeed."""
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"mesa_lib": json.dumps(metadata or {}, default=str)}
+    meta = {"mesa_lib": json.dumps(metadata or {}, default=str), "sha256": tensors_digest(state)}
     return atomic_write_bytes(path, save(state, metadata=meta))
 
 
@@ -253,7 +268,9 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
     """Load safetensors weights into ``model`` (on its device); returns the stored metadata.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not
-    a valid safetensors file or does not match the model's architecture.
+    a valid safetensors file, whose tensors do not match the SHA-256 stored with them (a
+    corrupted file; files written before the digest was stored have none to check), or that
+    does not match the model's architecture.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -271,6 +288,10 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
             f"{path} is not a valid safetensors weights file ({err}); delete it and retrain, "
             "or give the path of a file written by mesa_lib.save_weights"
         ) from None
+    stored = meta.get("sha256")
+    if stored is not None and stored != tensors_digest(state):
+        raise ValueError(f"{path} is corrupted: its tensors do not match the SHA-256 stored with them; delete it "
+                         "and retrain (or copy the file again)")
     mismatch = describe_state_mismatch(model.state_dict(), state)
     if mismatch:
         raise ValueError(

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from .common import __version__, atomic_write_text, check_writable, code_fingerprint, git_state, seeded, thread_count
 from .attack import inject_backdoor
-from .validate import check_target
+from .validate import check_finite_weights, check_target
 from .baselines import reverse_engineer_triggers
 from .data import DatasetSplits, ImageSet, cache_dir, load_dataset
 from .defense import retrain
@@ -129,15 +129,27 @@ def _model_cache(name: str, key: dict) -> Path:
     return cache_dir() / "models" / f"{name}-{_key(key)}.safetensors"
 
 
-def _load_cached(model: nn.Module, path: Path) -> bool:
-    """Load ``path`` into ``model`` if it is a valid entry; a missing entry is a miss, an
-    unreadable or corrupt one a miss with a warning (it will be retrained and replaced)."""
+def _load_cached(model: nn.Module, path: Path, key: dict | None = None) -> bool:
+    """Load ``path`` into ``model`` if it is a valid entry for ``key``; a missing entry is a
+    miss. An entry that cannot be used is a miss with ONE warning naming the file (the model
+    is retrained and the entry replaced): unreadable, corrupted (its tensors do not match the
+    SHA-256 stored with them), made for another key, or holding NaN/inf weights. A wrong
+    model is never served."""
     if not path.is_file():
         return False
+    fresh = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        load_weights(model, path)
+        stored = load_weights(model, path)
+        if key is not None and stored != json.loads(json.dumps(key, default=str)):
+            raise ValueError("its stored key is not the key it is filed under")
+        try:
+            check_finite_weights(model)
+        except ValueError:
+            raise ValueError("it holds NaN/inf weights") from None
     except (ValueError, OSError) as err:
-        warnings.warn(f"ignoring the unusable model cache entry {path} ({err}); retraining", stacklevel=3)
+        model.load_state_dict(fresh)  # train from the fresh initialisation, not from the bad entry
+        why = str(err).replace(str(path), "the file")
+        warnings.warn(f"ignoring the unusable model cache entry {path} ({why}); retraining", stacklevel=3)
         return False
     return True
 
@@ -166,7 +178,7 @@ def get_clean_model(
     model = model.to(device)
     key = model_cache_key("clean", splits, preset, seed)
     path = _model_cache(f"clean-{splits.name}-{preset.model}", key)
-    if use_cache and _load_cached(model, path):
+    if use_cache and _load_cached(model, path, key):
         return model.eval()
     train_classifier(model, splits.train, epochs=preset.clean_epochs, lr=preset.clean_lr,
                      batch_size=preset.batch_size, weight_decay=preset.clean_weight_decay,
@@ -190,7 +202,7 @@ def get_backdoored_model(
     key = model_cache_key("backdoored", splits, preset, seed, clean=state_fingerprint(clean),
                           trigger=trigger.cpu().tolist(), target=target)
     path = _model_cache(f"backdoored-{splits.name}-{preset.model}", key)
-    if use_cache and _load_cached(model, path):
+    if use_cache and _load_cached(model, path, key):
         return model.eval()
     inject_backdoor(model, splits.train, trigger.to(splits.train.images.device), target,
                     poison_ratio=preset.poison_ratio, epochs=preset.attack_epochs, lr=preset.attack_lr,

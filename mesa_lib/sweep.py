@@ -27,21 +27,24 @@ import socket
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .data import DatasetSplits, load_dataset
+from .data import DATASETS, DatasetSplits, load_dataset
+from .datafiles import canonical_name
 from .evaluate import clean_accuracy
 from .neural_cleanse import NCConfig, detect_backdoor, reverse_engineer_masks, unlearn
-from .common import check_writable, code_fingerprint, git_state, median, torch_threads
+from .common import check_writable, code_fingerprint, git_state, median, torch_threads, write_all
 from .detect import RULE
 from .pipeline import StageContext, get_clean_model, pick_device, protocols, run_pipeline, write_json
 from .presets import Preset, get_preset
 from .triggers import canonical_patterns, pattern_from_id
+from .validate import check_seed, check_target
 
 __all__ = [
     "SweepTask",
@@ -53,6 +56,7 @@ __all__ = [
     "read_finished",
     "append_line",
     "run_sweep",
+    "check_ray",
     "work_threads",
     "SweepLock",
     "RESUME_KEYS",
@@ -197,12 +201,13 @@ def _is_sweep_line(raw: bytes) -> bool:
 def read_finished(path: str | Path, repair: bool = True) -> dict[int, dict]:
     """The finished lines of a sweep file, by pattern key.
 
-    A last line without its newline (or that is not valid JSON) was being written when the
-    sweep died: with ``repair`` the file is truncated to the last complete line, so that the
-    trigger is redone. That repair is only made where the file is recognisably a sweep file
-    (at least one complete sweep line before the broken one, or a broken line that starts
-    like a sweep line); any other file raises ``ValueError`` and is left untouched, as does
-    a broken line anywhere but the end.
+    Blank lines are skipped (an ``echo >> file`` does no harm). A last line without its
+    newline that starts like a sweep line (``{"pattern"``) was being written when the sweep
+    died: with ``repair`` the file is truncated to the end of the last complete line, so
+    that the trigger is redone. Anything else that is not a sweep line -- a complete last
+    line, a line in the middle, an unfinished last line that is not a sweep line, a file
+    with no sweep line at all -- raises ``ValueError`` and the file is left untouched:
+    a line a user added is never deleted.
     """
     path = Path(path)
     if not path.is_file():
@@ -215,53 +220,67 @@ def read_finished(path: str | Path, repair: bool = True) -> dict[int, dict]:
     done: dict[int, dict] = {}
     good_end = 0
     for n, raw in enumerate(lines):
-        if not _is_sweep_line(raw):
-            if n == len(lines) - 1 and not tail:
-                tail = raw  # a complete but broken last line: treat as half-written
-                break
+        if raw.strip() and not _is_sweep_line(raw):
             raise ValueError(
                 f"{path}, line {n + 1}, is not a sweep result (broken JSON or no 'pattern'); it was left "
                 "untouched: write the sweep to another --out, or fix or delete that line"
             )
-        obj = json.loads(raw)
-        done.setdefault(int(obj["pattern"]), obj)
+        if raw.strip():
+            obj = json.loads(raw)
+            done.setdefault(int(obj["pattern"]), obj)
         good_end += len(raw) + 1
-    if tail:
-        if not done and not tail.lstrip().startswith(b'{"pattern"'):
-            raise ValueError(f"{path} is not a sweep results file (no JSON line with a 'pattern'); it was left "
-                             "untouched: give --out a new file name")
+    if tail.strip():
+        if not tail.lstrip().startswith(b'{"pattern"'):
+            what = (f"its last line ({len(lines) + 1}) is not a sweep result" if done
+                    else "it is not a sweep results file (no JSON line with a 'pattern')")
+            raise ValueError(f"{path}: {what}; it was left untouched: give --out a new file name, or fix or "
+                             "delete that line")
         if repair:
             with open(path, "r+b") as f:
                 f.truncate(good_end)
                 f.flush()
                 os.fsync(f.fileno())
+    elif tail and repair:  # only blanks after the last newline: drop them
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
     return done
 
 
 def append_line(path: str | Path, obj: dict) -> None:
-    """Append one JSON line and make it durable (flush + fsync) before returning."""
+    """Append one JSON line and make it durable (flush + fsync) before returning. If the
+    write fails (a full disk: :class:`~mesa_lib.common.DiskFullError`) the file is cut back
+    to its previous length, so no half line is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
     with open(path, "ab") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+        start = f.seek(0, os.SEEK_END)
+        try:
+            write_all(f, line, path)
+        except BaseException:
+            try:
+                f.truncate(start)
+            except OSError:
+                pass  # a half line is cut off by the next resume
+            raise
 
 
 RESUME_KEYS = ("dataset", "seed", "target", "preset", "nc", "code", "torch_threads", "light")
 """What a resumed sweep must share with the lines already in its file."""
 
 
-def _check_compatible(done: dict[int, dict], path: Path, want: dict) -> None:
+def _check_compatible(done: dict[int, dict], path: Path, want: dict, targets: dict[int, int] | None = None) -> None:
     """Refuse to append to a file whose lines were made by other code or other settings
-    (every key of :data:`RESUME_KEYS`)."""
+    (every key of :data:`RESUME_KEYS`). ``targets`` maps a line's key to the target its
+    trigger attacks where that differs per trigger (CIFAR-100: each colour trigger's seeded
+    random target); otherwise every line must have ``want["target"]``."""
     want = json.loads(json.dumps(want))
     for key, line in done.items():
         cfg = line.get("config", {})
-        diff = sorted(k for k in RESUME_KEYS if cfg.get(k) != want[k])
+        expect = {**want, "target": targets.get(key, want["target"]) if targets else want["target"]}
+        diff = sorted(k for k in RESUME_KEYS if cfg.get(k) != expect[k])
         if diff:
-            detail = "; ".join(f"{k}: file {cfg.get(k)!r}, now {want[k]!r}" for k in diff
+            detail = "; ".join(f"{k}: file {cfg.get(k)!r}, now {expect[k]!r}" for k in diff
                                if k not in ("preset", "nc"))
             raise ValueError(
                 f"{path} holds results of a different sweep (pattern {key} differs in {', '.join(diff)}"
@@ -273,11 +292,13 @@ def _check_compatible(done: dict[int, dict], path: Path, want: dict) -> None:
 class SweepLock:
     """An exclusive lock on ``<out>.lock`` for as long as a sweep writes ``out``: a second
     sweep on the same file stops with a clear message instead of interleaving lines. The
-    lock is an OS file lock (``fcntl.flock``), released when the process ends, even by
-    ``kill -9``."""
+    lock is keyed on the real file (symlinks resolved), so another name for the same file
+    cannot bypass it. It is an OS file lock (``fcntl.flock``), released when the process
+    ends, even by ``kill -9``."""
 
     def __init__(self, out: Path) -> None:
-        self.path = out.with_name(out.name + ".lock")
+        real = Path(os.path.realpath(Path(out).expanduser()))
+        self.path = real.with_name(real.name + ".lock")
         self._fd: int | None = None
 
     def __enter__(self) -> "SweepLock":
@@ -321,9 +342,66 @@ def _read_runs(path: Path) -> list:
 _WORKER: dict = {}
 
 
-def _init_worker(threads: int, data: dict) -> None:
+PR_SET_PDEATHSIG = 1
+"""Linux prctl option: the signal a process gets when its parent dies."""
+
+
+def _watch_parent(parent: int, poll_s: float = 1.0) -> None:
+    """End this worker process as soon as its parent (the sweep) is gone, e.g. by ``kill -9``,
+    so no orphan keeps computing: on Linux through ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, and
+    everywhere through a daemon thread that checks the parent's pid every ``poll_s`` seconds.
+    Ctrl-C is ignored here: the parent handles it and stops the workers."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the watch was set up
+        os._exit(1)
+
+    def poll() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=poll, name="watch-parent", daemon=True).start()
+
+
+def _init_worker(threads: int, data: dict, parent: int | None = None) -> None:
+    if parent is not None:
+        _watch_parent(parent)
     torch.set_num_threads(threads)
     _WORKER["data"] = data
+
+
+@contextmanager
+def _worker_pool(workers: int, threads: int, data: dict) -> Iterator[ProcessPoolExecutor]:
+    """``workers`` spawned local processes that watch this one (:func:`_watch_parent`). When
+    the block fails or is interrupted (Ctrl-C), queued work is cancelled and the running
+    workers are stopped at once instead of being waited for."""
+    import multiprocessing as mp
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads, data, os.getpid()))
+    try:
+        yield pool
+    except BaseException:
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=10)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _worker_splits(data: dict) -> DatasetSplits:
@@ -385,25 +463,33 @@ def run_sweep(
     nc = _nc_config(preset, nc)
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
-    if isinstance(workers, bool) or int(workers) < 1:
-        raise ValueError(f"workers must be >= 1, got {workers!r}")
-    workers = int(workers)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be a positive integer (>= 1), got {workers!r}")
+    seed = check_seed(seed)
     tasks = sweep_tasks(dataset, patterns, seed, target)
-    out = check_writable(out)
+    if not _is_colour(dataset):  # CIFAR-100's targets are drawn per trigger
+        check_target(target, DATASETS[canonical_name(dataset)].num_classes)
+    out = Path(os.path.realpath(check_writable(out)))  # the real file: a symlink is another name for it
     dev = pick_device(device)
     if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
         raise ValueError(f"threads must be a positive number of torch threads, got {threads!r}")
     threads = work_threads(backend, workers, dev) if threads is None else int(threads)
+    if backend == "ray":
+        check_ray(ray_address)
     log = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+    runs_path = out.with_name(out.name + ".runs.json")
+    read_finished(out, repair=False)  # a file that is not a sweep file is refused before any lock is made
+    _read_runs(runs_path)
     with SweepLock(out):
         done = read_finished(out, repair=False)  # checked before anything is changed
-        runs_path = out.with_name(out.name + ".runs.json")
         runs = _read_runs(runs_path)
         splits = load_dataset(dataset, root=root, device=dev, train_limit=train_limit)
+        targets = ({t.pattern: t.target for t in sweep_tasks(dataset, "all", seed, target)}
+                   if _is_colour(dataset) else None)
         _check_compatible(done, out, {"dataset": splits.name, "seed": seed, "target": target,
                                       "preset": (preset.with_(second_ratio=None) if light else preset).to_dict(),
                                       "nc": nc.to_dict(), "code": code_fingerprint(), "torch_threads": threads,
-                                      "light": light})
+                                      "light": light}, targets)
         done = read_finished(out)  # now cut off a half-written last line
         todo = [t for t in tasks if t.pattern not in done]
         log(f"sweep {splits.name} / {preset.name} / seed {seed}: {len(tasks)} triggers, "
@@ -471,32 +557,81 @@ def _run_todo(todo, n_tasks, done, out, runs, runs_path, splits, preset, seed, n
 
 def _run_pool(todo: Sequence[SweepTask], data: dict, preset: Preset, seed: int, nc: NCConfig, workers: int,
               threads: int, record) -> None:
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(threads, data)) as pool:
+    with _worker_pool(workers, threads, data) as pool:
         pending = {pool.submit(_work, t, data, preset, seed, nc) for t in todo}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                record(fut.result())
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+"""How long a sweep waits for a TCP connection to ``--ray-address`` before it refuses it."""
+
+RAY_INIT_TIMEOUT_S = 120.0
+"""How long ``ray.init(address=...)`` may take before the sweep stops with an error."""
+
+
+def _bounded(fn, timeout_s: float, message: str):
+    """``fn()`` run in a daemon thread; ``ValueError(message)`` if it takes over ``timeout_s``."""
+    import threading
+
+    box: dict = {}
+
+    def target() -> None:
         try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    record(fut.result())
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 -- re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="bounded", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ValueError(message)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def check_ray(address: str | None) -> None:
+    """Check, before any work, that the Ray backend can run: Ray is installed and, when an
+    ``address`` ``host:port`` (or ``ray://host:port``) is given, something listens there
+    (a TCP connection within :data:`RAY_CONNECT_TIMEOUT_S`).
+
+    Raises:
+        ValueError: one line naming ``--ray-address`` and what to do.
+    """
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ValueError("the ray backend needs Ray: pip install 'mesa-lib[ray]' (or pip install ray)") from None
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray-address must be host:port (e.g. 127.0.0.1:6379), ray://host:port or auto; "
+                         f"got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise ValueError(f"cannot reach the Ray cluster at --ray-address {address} ({why}, waited at most "
+                         f"{RAY_CONNECT_TIMEOUT_S:g} s); check the address (is `ray start --head` running there?) "
+                         "or leave --ray-address out to start a local cluster") from None
 
 
 def _run_ray(todo: Sequence[SweepTask], data: dict, preset: Preset, seed: int, nc: NCConfig, workers: int,
              threads: int, address: str | None, record) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ValueError("the ray backend needs Ray: pip install 'mesa-lib[ray]' (or pip install ray)") from None
+    import ray
+
     started = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address)
+            _bounded(lambda: ray.init(address=address), RAY_INIT_TIMEOUT_S,
+                     f"could not connect to the Ray cluster at --ray-address {address} within "
+                     f"{RAY_INIT_TIMEOUT_S:g} s; check the address (is `ray start --head` running there?) or "
+                     "leave --ray-address out to start a local cluster")
         else:
             ray.init(num_cpus=workers, include_dashboard=False)
         started = True
@@ -664,22 +799,25 @@ def _control_work(seed: int, data: dict, preset: Preset, nc: NCConfig) -> dict:
 
 def run_clean_controls(dataset: str = "fashion-mnist", seeds: Sequence[int] = range(10), preset: Preset | str = "fast",
                        out: str | Path = "results/clean_controls.json", workers: int = 1, root: str | Path | None = None,
-                       nc: NCConfig | None = None, progress: bool = True) -> dict:
+                       nc: NCConfig | None = None, progress: bool = True, device: str | None = None) -> dict:
     """The false-positive control: :func:`control_line` for clean models of every seed (in
-    ``workers`` local processes), written to ``out`` as one JSON file with the rates."""
-    import multiprocessing as mp
-
+    ``workers`` local processes, computing on ``device``: default CUDA when available, else
+    the CPU), written to ``out`` as one JSON file with the rates."""
     preset = get_preset(preset)
     nc = _nc_config(preset, nc)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be a positive integer (>= 1), got {workers!r}")
+    seeds = [check_seed(s, "--seeds") for s in seeds]
+    if not seeds:
+        raise ValueError("--seeds names no seed; give a range like 0-9 or a comma list like 0,1,2")
     out = check_writable(out)
-    seeds = [int(s) for s in seeds]
+    dev = pick_device(device)
     t0 = time.perf_counter()
-    data = {"dataset": dataset, "root": None if root is None else str(root), "device": "cpu", "train_limit": None,
-            "light": False}
-    threads = work_threads("local", workers, torch.device("cpu"))
+    data = {"dataset": dataset, "root": None if root is None else str(root), "device": str(dev),
+            "train_limit": None, "light": False}
+    threads = work_threads("local", workers, dev)
     lines = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(threads, data)) as pool:
+    with _worker_pool(workers, threads, data) as pool:
         for line in pool.map(_control_work, seeds, [data] * len(seeds), [preset] * len(seeds), [nc] * len(seeds)):
             lines.append(line)
             if progress:

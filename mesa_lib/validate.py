@@ -13,8 +13,21 @@ import numbers
 
 import torch
 
-__all__ = ["positive_int", "finite_number", "check_images", "check_trigger", "check_finite_weights",
+__all__ = ["check_seed", "MAX_SEED", "positive_int", "finite_number", "check_images", "check_trigger", "check_finite_weights",
            "check_target", "num_classes"]
+
+
+MAX_SEED = 2**32 - 1
+"""The largest experiment seed: stages derive further seeds from it (``seed + 2``, ``1000 * seed + i``),
+which must stay within torch's 64-bit generator seeds."""
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """An experiment seed as an ``int`` if it is an integer in ``0..MAX_SEED`` (``name`` is
+    what the message calls it, e.g. ``--seed``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in 0..{MAX_SEED}, got {value!r}")
+    return int(value)
 
 
 def check_target(target: int, num_classes: int) -> int:

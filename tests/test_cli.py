@@ -227,3 +227,26 @@ def test_unexpected_errors_propagate(monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline, "run_pipeline", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["run", "--out", str(tmp_path / "r.json")])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["clean-controls", "--workers", "0"], "--workers"),
+    (["clean-controls", "--seeds", "0-100000000000"], "at most"),
+    (["clean-controls", "--seeds", "5-3"], "first seed is above its last"),
+    (["run", "--seed", "18446744073709551615"], "--seed"),
+    (["sweep", "--seed", "18446744073709551615"], "--seed"),
+    (["sweep", "--workers", "0"], "--workers"),
+])
+def test_issue21_bad_options_exit_2_before_any_work(args, needle, capsys, tmp_path, no_work, monkeypatch):
+    """Issue 21: each of these failed late or with an unclear message (ZeroDivisionError,
+    MemoryError, 'Overflow when unpacking long long' after training)."""
+    import mesa_lib.sweep as sweep
+
+    monkeypatch.setattr(sweep, "run_clean_controls", no_work_fail)
+    assert main([*args, "--out", str(tmp_path / "r.json")]) == 2
+    assert needle in _one_error_line(capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
+
+
+def no_work_fail(*a, **k):
+    raise AssertionError("bad input must be refused before any work")

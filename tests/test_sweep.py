@@ -83,8 +83,15 @@ def test_read_finished_repairs_only_a_half_written_last_line(tmp_path):
     assert set(read_finished(path)) == {1, 2}
     assert path.read_bytes() == good
     with open(path, "ab") as f:
-        f.write(b"garbage\n")  # a complete but broken last line
-    assert set(read_finished(path)) == {1, 2} and path.read_bytes() == good
+        f.write(b'{"note": "keep"}\n')  # a complete last line that is not a sweep line: kept, refused
+    with pytest.raises(ValueError, match="line 3"):
+        read_finished(path)
+    assert path.read_bytes() == good + b'{"note": "keep"}\n'
+    path.write_bytes(good + b"\n")  # a trailing blank line (echo >> file) is skipped
+    assert set(read_finished(path)) == {1, 2}
+    append_line(path, {"pattern": 4, "x": 4})
+    assert set(read_finished(path)) == {1, 2, 4}
+    path.write_bytes(good)
     path.write_bytes(b"garbage\n" + good)
     with pytest.raises(ValueError, match="line 1"):
         read_finished(path)
@@ -412,3 +419,142 @@ def test_clean_controls_cli(fmnist_root, tmp_path, capsys, monkeypatch):
     assert "flagged by MESA's scan" in capsys.readouterr().out
     assert main(["clean-controls", "--seeds", "x", "--out", str(out)]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_cifar100_sweep_resumes(tmp_path, fake_cifar_writer, monkeypatch):
+    """Issue 21, bug 1: each CIFAR-100 line has its own seeded target; a resume compares each
+    line with its own trigger's target (it failed with 'differs in target -- file 44, now 0')."""
+    monkeypatch.setenv("MESA_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "c100"
+    fake_cifar_writer(root, "cifar100", per_batch=20, n_test=40)
+    out = tmp_path / "c.jsonl"
+    kw = dict(dataset="cifar100", preset=TINY, out=out, root=root, nc=TINY_NC, progress=False)
+    run_sweep(patterns="0", **kw)
+    lines = run_sweep(patterns="0,1", **kw)
+    assert [l["pattern"] for l in _lines(out)] == [0, 1] and len(lines) == 2
+
+
+def test_a_corrupted_cache_entry_is_retrained_with_one_warning(fmnist_root, tmp_path):
+    """Issue 21, bug 4 and the NaN entry: a flipped bit in a cached model's tensors, or NaN
+    weights, is found (SHA-256 stored with the entry), named in one warning and retrained; the
+    entry is replaced, so later runs load it silently."""
+    import warnings
+
+    import torch
+
+    from mesa_lib.data import load_dataset
+    from mesa_lib.models import save_weights
+    from mesa_lib.pipeline import get_clean_model
+
+    splits = load_dataset("fashion-mnist", root=fmnist_root)
+    good = get_clean_model(splits, TINY, 0, progress=False)
+    (entry,) = (tmp_path / "cache" / "models").glob("clean-*.safetensors")
+    data = bytearray(entry.read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in the tensor data
+    entry.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=f"{entry.name}.*corrupted") as rec:
+        again = get_clean_model(splits, TINY, 0, progress=False)
+    assert len(rec) == 1
+    assert all(torch.equal(a, b) for a, b in zip(good.state_dict().values(), again.state_dict().values()))
+    from safetensors import safe_open
+
+    with safe_open(str(entry), framework="pt") as f:
+        meta = f.metadata()
+    nan = get_clean_model(splits, TINY, 0, progress=False)
+    with torch.no_grad():
+        next(nan.parameters()).fill_(float("nan"))
+    save_weights(nan, entry, json.loads(meta["mesa_lib"]))
+    with pytest.warns(UserWarning, match=f"{entry.name}.*NaN"):
+        fixed = get_clean_model(splits, TINY, 0, progress=False)
+    assert all(torch.isfinite(p).all() for p in fixed.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_clean_model(splits, TINY, 0, progress=False)  # the entry was replaced: no warning
+
+
+def test_a_symlink_to_a_locked_file_is_refused(fmnist_root, tmp_path):
+    """Issue 21, bug 3: the lock is keyed on the real file; a second name (symlink) for a file
+    another process is sweeping is refused."""
+    out, link = tmp_path / "s.jsonl", tmp_path / "l.jsonl"
+    link.symlink_to(out.name)
+    ready = tmp_path / "holding"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from mesa_lib.sweep import SweepLock
+        with SweepLock(Path({str(out)!r})):
+            Path({str(ready)!r}).write_text("yes")
+            time.sleep(600)
+        """)])
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ready.is_file():
+            time.sleep(0.02)
+        assert ready.is_file(), "the lock holder did not start"
+        with pytest.raises(ValueError, match="another sweep"):
+            _sweep(fmnist_root, link, patterns="170")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_refused_out_gets_no_lock_and_files_follow_the_umask(fmnist_root, tmp_path):
+    """Issue 21: no <out>.lock beside a file that is refused (a non-sweep file, a pipe); the
+    results file and its sidecar follow the umask instead of mkstemp's 0600."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text('{"note": "keep"}\n')
+    with pytest.raises(ValueError):
+        _sweep(fmnist_root, notes, patterns="170")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        _sweep(fmnist_root, fifo, patterns="170")
+    assert not (tmp_path / "notes.txt.lock").exists() and not (tmp_path / "pipe.lock").exists()
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "s.jsonl"
+        _sweep(fmnist_root, out, patterns="170")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.jsonl.runs.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_unreachable_ray_address_is_refused_before_any_work(fmnist_root, tmp_path):
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once it is closed
+    with pytest.raises(ValueError, match="cannot reach the Ray cluster"):
+        _sweep(fmnist_root, tmp_path / "s.jsonl", backend="ray", ray_address=f"127.0.0.1:{port}")
+    assert not list(tmp_path.glob("s.jsonl*"))
+
+
+def test_bad_seed_and_target_fail_before_any_work(fmnist_root, tmp_path):
+    with pytest.raises(ValueError, match="target class"):
+        _sweep(fmnist_root, tmp_path / "s.jsonl", target=10)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        _sweep(fmnist_root, tmp_path / "s.jsonl", seed=2**64 - 1)
+    assert not list(tmp_path.glob("s.jsonl*")) and not (tmp_path / "cache").exists()
+
+
+def test_a_full_disk_loses_no_line(tmp_path, monkeypatch):
+    import errno
+
+    import mesa_lib.sweep as sweep_mod
+    from mesa_lib.common import DiskFullError
+
+    path = tmp_path / "s.jsonl"
+    append_line(path, {"pattern": 1})
+    before = path.read_bytes()
+
+    def half_then_full(f, data, p):
+        f.write(data[: len(data) // 2])
+        f.flush()
+        raise DiskFullError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(p))
+
+    monkeypatch.setattr(sweep_mod, "write_all", half_then_full)
+    with pytest.raises(DiskFullError):
+        append_line(path, {"pattern": 2, "x": "y" * 100})
+    assert path.read_bytes() == before
