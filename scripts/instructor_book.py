@@ -33,7 +33,12 @@ def instructor_config(public: dict) -> dict:
     """``public`` with the solutions shown and the public build's notebook cache."""
     cfg = yaml.safe_load(yaml.safe_dump(public))  # a deep copy
     cfg["title"] = cfg.get("title", "") + " (instructor version, with solutions)"
-    cfg.setdefault("sphinx", {}).setdefault("config", {})["hide_solutions"] = False
+    sph = cfg.setdefault("sphinx", {})
+    sph.setdefault("config", {})["hide_solutions"] = False
+    # jupyter-book puts a local extension's folder on sys.path relative to the config file: this
+    # one lives elsewhere, so the folders become absolute
+    sph["local_extensions"] = {name: str((ROOT / path).resolve()) if not Path(path).is_absolute() else path
+                               for name, path in (sph.get("local_extensions") or {}).items()}
     cfg.setdefault("execute", {})["cache"] = str(ROOT / "_build" / ".jupyter_cache")
     return cfg
 
