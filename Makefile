@@ -33,7 +33,7 @@ PYTEST_ARGS ?=
 # 0 runs everything in one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: help install data browser book test test-device bench handouts readme-results clean distclean
+.PHONY: help install data browser book book-instructor test test-device bench handouts readme-results clean distclean
 
 help:
 	@echo "make book   - install, fetch data, execute every notebook once, build the Jupyter Book"
@@ -41,6 +41,7 @@ help:
 	@echo "make test   - install, fetch data and Chromium, pytest on tests/ (unit tests + every notebook,"
 	@echo "              each executed once), build the book (strict) from the notebooks' outputs,"
 	@echo "              and check every page in headless Chromium"
+	@echo "make book-instructor - the solved instructor version (solutions, instructor guide) into _build/instructor"
 	@echo "make test-device - every notebook in strict-device mode (GPU-only mistakes fail on the CPU)"
 	@echo "make handouts - student notebooks (solutions removed) from book/10_exercises.ipynb into handouts/"
 	@echo "make install | data | bench | clean | distclean"
@@ -103,6 +104,12 @@ book: install data
 	$(PY) scripts/notebooks.py $(if $(FORCE),--force,)
 	$(BUILD_BOOK)
 	@echo ">> book built: open _build/html/index.html"
+
+# The solved instructor version (solutions shown, the instructor guide in the toc) into
+# _build/instructor/_build/html, from the same executed notebooks; keep it off public servers.
+book-instructor: install data
+	$(PY) scripts/notebooks.py
+	$(PY) scripts/instructor_book.py
 
 # ---------------------------------------------------------------- test
 # 1. pytest on tests/, in $(PYTEST_WORKERS) pytest-xdist workers: the unit tests, and every

@@ -17,8 +17,10 @@ Run alone: ``jupyter-book build . -W -n --keep-going && pytest tests/test_book_b
 from __future__ import annotations
 
 import functools
+import html
 import http.server
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -257,3 +259,59 @@ def test_static_trigger_painter_works_without_a_kernel(browser, base_url):
         assert not problems, f"{doc}: " + "\n".join(problems)
     finally:
         page.close()
+
+
+def solution_lines(doc: Path) -> set[str]:
+    """Lines of a chapter that only its solutions hold: the bodies of ``{solution}`` blocks,
+    the cells between ``{solution-start}`` and ``{solution-end}``, and the source of the
+    ``remove-input`` cells that run the model solutions through their checkers. Short lines
+    and lines that also appear in the rest of the chapter (an import the task shows too) are
+    left out."""
+    if doc.suffix == ".ipynb":
+        import nbformat
+
+        cells = [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nbformat.read(doc, as_version=4).cells]
+    else:
+        cells = [("markdown", doc.read_text(), [])]
+    secret, public = [], []
+    gated = False
+    fence = re.compile(r"^([`:]{3,})\s*\{solution\}.*?^\1\s*$", re.M | re.S)
+    for kind, src, tags in cells:
+        if kind == "markdown" and "{solution-start}" in src:
+            gated = True
+        elif kind == "markdown" and "{solution-end}" in src:
+            gated = False
+        elif gated or (kind == "code" and "remove-input" in tags):
+            secret.append(src)
+        elif kind == "markdown":
+            secret.extend(m.group(0) for m in fence.finditer(src))
+            public.append(fence.sub("", src))
+        else:
+            public.append(src)
+    shown = {ln.strip() for s in public for ln in s.splitlines()}
+    return {ln.strip() for s in secret for ln in s.splitlines()
+            if len(ln.strip()) >= 30 and ln.strip() not in shown and not ln.strip().startswith(("```", ":::", ":class:"))}
+
+
+def _page_text(path: Path) -> str:
+    """The text of a built page, tags dropped (highlighted code becomes its plain lines again)."""
+    text = re.sub(r"<[^>]+>", "", path.read_text())
+    return "\n".join(ln.strip() for ln in html.unescape(text).splitlines())
+
+
+def test_published_book_shows_no_solution():
+    """No line of any solution (dropdowns, chapter 10's gated solution cells, the model
+    solutions of the checker cells) is in the published HTML."""
+    if not (HTML / "index.html").is_file():
+        _cannot_run(f"the book is not built ({HTML / 'index.html'} is missing)")
+    leaks, checked = [], 0
+    for doc in PAGES:
+        src = next((ROOT / f"{doc}{ext}" for ext in (".ipynb", ".md") if (ROOT / f"{doc}{ext}").is_file()), None)
+        if src is None or not (HTML / f"{doc}.html").is_file():
+            continue
+        lines = solution_lines(src)
+        checked += len(lines)
+        text = _page_text(HTML / f"{doc}.html")
+        leaks += [f"{doc}: {ln}" for ln in sorted(lines) if ln in text]
+    assert checked > 100, f"only {checked} solution lines found to check: is the extraction broken?"
+    assert not leaks, f"{len(leaks)} solution lines are in the published HTML:\n" + "\n".join(leaks[:20])
