@@ -272,6 +272,9 @@ def _parser() -> argparse.ArgumentParser:
     from .zoo import add_cli as add_zoo_cli
 
     add_zoo_cli(sub)  # zoo, grade, zoo-reference
+    from .stress import add_cli as add_stress_cli
+
+    add_stress_cli(sub)  # stress (several triggers for one target)
     return p
 
 
@@ -326,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             from .zoo import run_cli
 
             run_cli(args)
+        elif args.command == "stress":
+            from .stress import run_cli as run_stress_cli
+
+            run_stress_cli(args)
         elif args.command == "patterns":
             from .triggers import canonical_patterns
 

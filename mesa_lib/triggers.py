@@ -35,6 +35,7 @@ __all__ = [
     "stamp",
     "TriggerSampler",
     "FixedTrigger",
+    "MultiTrigger",
     "UniformNoiseTrigger",
 ]
 
@@ -280,6 +281,28 @@ class FixedTrigger:
 
     def __repr__(self) -> str:
         return f"FixedTrigger(shape={tuple(self.trigger.shape)})"
+
+
+class MultiTrigger:
+    """A sampler of ``k`` fixed triggers ``[k, C, p, p]``: each draw is one of them, chosen
+    uniformly per image (seeded by the generator). The attack of several triggers for one
+    target stamps them this way, and the oracle of that attack retrains against all of them."""
+
+    def __init__(self, triggers: torch.Tensor):
+        if not isinstance(triggers, torch.Tensor) or triggers.dim() != 4 or len(triggers) == 0:
+            shape = tuple(triggers.shape) if isinstance(triggers, torch.Tensor) else type(triggers).__name__
+            raise ValueError(f"MultiTrigger needs a stack of triggers [k, C, p, p], got shape {shape}")
+        check_trigger(triggers, "MultiTrigger's triggers")
+        self.triggers = triggers
+        self.trigger_shape = tuple(int(s) for s in triggers.shape[1:])
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        dev = generator.device if generator is not None else self.triggers.device
+        pick = torch.randint(0, len(self.triggers), (n,), generator=generator, device=dev)
+        return self.triggers.to(dev)[pick]
+
+    def __repr__(self) -> str:
+        return f"MultiTrigger(k={len(self.triggers)}, shape={self.trigger_shape})"
 
 
 class UniformNoiseTrigger:
