@@ -219,8 +219,8 @@ def tensors_digest(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach().contiguous().cpu()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        flat = t.reshape(-1)
-        h.update(torch.empty(flat.shape, dtype=flat.dtype).copy_(flat).view(torch.uint8).numpy().tobytes())
+        flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))  # a host copy
+        h.update(flat.view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
 
 
