@@ -238,6 +238,9 @@ def _parser() -> argparse.ArgumentParser:
     from .zoo import add_cli as add_zoo_cli
 
     add_zoo_cli(sub)  # zoo, grade, zoo-reference
+    from .own import add_cli as add_own_cli
+
+    add_own_cli(sub)  # defend
     return p
 
 
@@ -291,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             from .zoo import run_cli
 
             run_cli(args)
+        elif args.command == "defend":
+            from .own import run_cli as run_own_cli
+
+            run_own_cli(args)
         elif args.command == "patterns":
             from .triggers import canonical_patterns
 
