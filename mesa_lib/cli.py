@@ -275,6 +275,10 @@ def _parser() -> argparse.ArgumentParser:
     from .stress import add_cli as add_stress_cli
 
     add_stress_cli(sub)  # stress (several triggers for one target)
+
+    from .own import add_cli as add_own_cli
+
+    add_own_cli(sub)  # defend
     return p
 
 
@@ -333,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             from .stress import run_cli as run_stress_cli
 
             run_stress_cli(args)
+        elif args.command == "defend":
+            from .own import run_cli as run_own_cli
+
+            run_own_cli(args)
         elif args.command == "patterns":
             from .triggers import canonical_patterns
 

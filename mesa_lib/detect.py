@@ -16,10 +16,10 @@ import torch.nn as nn
 from .common import median
 from .data import ImageSet, split_test
 from .evaluate import attack_success_rate
-from .mesa import MesaConfig, train_mesa
+from .mesa import MesaConfig, StaircaseSampler, train_mesa
 from .validate import num_classes
 
-__all__ = ["DetectionResult", "scan_classes", "anomaly_index_of_top", "is_flagged", "defender_halves",
+__all__ = ["DetectionResult", "scan_classes", "scan_classes_with_sampler", "anomaly_index_of_top", "is_flagged", "defender_halves",
            "FLAG_ASR", "FLAG_INDEX", "RULE", "SEARCH_SHARE"]
 
 FLAG_ASR = 0.5
@@ -84,17 +84,35 @@ def scan_classes(
     beta: float = 0.8,
     seed: int = 0,
     progress: bool = True,
+    trigger_shape: tuple[int, int, int] | None = None,
 ) -> DetectionResult:
     """Search triggers toward every class in one batched pass and report per-class ASR.
 
     ``config`` gives the generator settings and the (short) number of steps; its betas are
     replaced by one ``beta`` per class. Triggers are searched on ``search_data`` and their ASR
-    is measured on ``eval_data``.
+    is measured on ``eval_data``. ``trigger_shape`` is ``(C, p, p)`` (default: the images'
+    channels, 3x3, as :func:`~mesa_lib.mesa.train_mesa`).
     """
+    return scan_classes_with_sampler(classifier, search_data, eval_data, config, beta, seed, progress,
+                                     trigger_shape)[0]
+
+
+def scan_classes_with_sampler(
+    classifier: nn.Module,
+    search_data: ImageSet,
+    eval_data: ImageSet,
+    config: MesaConfig,
+    beta: float = 0.8,
+    seed: int = 0,
+    progress: bool = True,
+    trigger_shape: tuple[int, int, int] | None = None,
+) -> tuple[DetectionResult, StaircaseSampler]:
+    """:func:`scan_classes`, and the scan's sampler too (its step ``c`` models the triggers
+    toward class ``c``), for showing what the scan found."""
     n_classes = num_classes(classifier, search_data.images)
     cfg = replace(config, betas=(beta,) * n_classes, gammas=None)
-    sampler, _ = train_mesa(classifier, search_data, list(range(n_classes)), cfg, seed=seed,
-                            progress=progress)
+    sampler, _ = train_mesa(classifier, search_data, list(range(n_classes)), cfg, trigger_shape=trigger_shape,
+                            seed=seed, progress=progress)
     g = torch.Generator().manual_seed(seed)
     asr = []
     for c in range(n_classes):
@@ -102,4 +120,4 @@ def scan_classes(
         trig = sampler.sample_step(c, n, generator=g)
         asr.append(attack_success_rate(classifier, eval_data, trig, c, seed=seed))
     top, index = anomaly_index_of_top(asr)
-    return DetectionResult(per_class_asr=asr, detected_target=top, anomaly_index=index)
+    return DetectionResult(per_class_asr=asr, detected_target=top, anomaly_index=index), sampler
