@@ -634,7 +634,8 @@ def defend(model: nn.Module, images: Any, labels: Any = None, *, settings: Defen
     return DefenseReport(
         scan=result.to_dict(), flagged=result.flagged, detected_target=target, target_name=data.class_name(target),
         defended=defended, before=before, after=after, sizes=data.sizes(), num_classes=data.num_classes,
-        classes=list(data.classes), input_norm=(norm or InputNorm()).describe(), settings=settings.to_dict(),
+        classes=list(data.classes), input_norm=(norm or InputNorm()).describe(),
+        settings=settings.to_dict() | {"trigger_shape": list(settings.trigger_shape(data.channels))},
         seconds=seconds, device=str(dev),
         provenance={"mesa_lib": __version__, "torch": torch.__version__, "code": code_fingerprint(),
                     "torch_threads": torch.get_num_threads(),
@@ -696,7 +697,7 @@ def _markdown(r: DefenseReport) -> str:
     lines += ["", f"Budget: scan {st['detect_steps']} steps, MESA {st['mesa']['steps']} steps, retraining "
               f"{st['retrain_epochs']:g} epochs at lr {st['retrain_lr']:g} ({st['retrain_schedule']}), "
               f"{100 * st['retrain_ratio']:g}% of each batch stamped; trigger "
-              f"{st['trigger_channels'] or 'image channels'} x {st['trigger_size']} x {st['trigger_size']}; seed {st['seed']}.",
+              f"{' x '.join(map(str, st['trigger_shape']))} (channels x rows x columns); seed {st['seed']}.",
               "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()) + "."]
     return "\n".join(lines) + "\n"
 

@@ -241,6 +241,8 @@ def test_cli_end_to_end(user_files, capsys):
     assert rep["defended"] and len(rep["scan"]["per_class_asr"]) == 5 and rep["sizes"]["evaluation"] == 12
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page and "<script" not in page
+    assert rep["settings"]["trigger_shape"] == [1, 3, 3]  # resolved from the images, not left as "image channels"
+    assert "trigger 1 x 3 x 3 (channels x rows x columns)" in (out / "report.md").read_text()
     net = make_net()
     net.load_state_dict(load_file(out / "defended.safetensors"))  # the user's architecture takes the weights
     assert "MESA defense report" in capsys.readouterr().out
