@@ -130,17 +130,20 @@ def asr_per_trigger(model: nn.Module, images: torch.Tensor, triggers: torch.Tens
 
 
 def residual_valid_set(model: nn.Module, data: ImageSet, target: int, n_images: int = RESIDUAL_IMAGES,
-                       seed: int = 0) -> torch.Tensor:
+                       seed: int = 0, triggers: torch.Tensor | None = None) -> torch.Tensor:
     """The ASR ``[512]`` of every binary 3x3 pattern (id order) on ``n_images`` non-target
     images of ``data`` (the first ones of a seeded permutation): the whole valid set, not only
-    the attacker's trigger. After a defense, the patterns that still fire are what it left."""
+    the attacker's trigger. After a defense, the patterns that still fire are what it left.
+    ``triggers`` ``[N, 1 or C, p, p]`` measures another set of candidates (e.g. a sample of a
+    grey region) on the same images instead; the result is then ``[N]``."""
     _check_inputs(model, data)
     n_images = positive_int("n_images", n_images)
     target = check_target(target, num_classes(model, data.images))
     keep = torch.nonzero(data.labels.cpu() != target).flatten()
     order = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))][:n_images]
     images = data.images[order.to(data.images.device)]
-    pats = patterns_tensor(range(NUM_PATTERNS)).expand(-1, images.shape[1], -1, -1)
+    pats = patterns_tensor(range(NUM_PATTERNS)) if triggers is None else triggers.to(images.device)
+    pats = pats.expand(-1, images.shape[1], -1, -1)
     # a channels-last copy runs these 512 x n convolutions about 1.7x faster on a CPU
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
     return asr_per_trigger(fast, images, pats, target, seed=seed)

@@ -17,8 +17,8 @@ from mesa_lib.defense import retrain
 from mesa_lib.evaluate import attack_success_rate, clean_accuracy
 from mesa_lib.models import build_model
 from mesa_lib.presets import get_preset
-from mesa_lib.stress import (arm_table, binary_ids, hamming, mode_coverage, paired, pattern_sets, run_stress,
-                             run_stress_line)
+from mesa_lib.stress import (REGION_RADIUS, arm_table, binary_ids, grey_sets, hamming, mode_coverage, paired,
+                             pattern_sets, region_sample, run_stress, run_stress_line, setting_label)
 from mesa_lib.triggers import MultiTrigger, bright_member, canonical_patterns, pattern_id, patterns_tensor
 
 TINY = get_preset("fast").with_(
@@ -112,8 +112,9 @@ def test_pattern_sets_are_far_apart_stamped_and_seeded(k, n):
 
 
 def test_pattern_sets_refuse_impossible_requests():
-    with pytest.raises(ValueError, match="k >= 2"):
-        pattern_sets(1, 3)
+    with pytest.raises(ValueError, match="k >= 1"):
+        pattern_sets(0, 3)
+    assert len(pattern_sets(1, 51)) == 51  # one trigger: each stamped pattern once
     with pytest.raises(ValueError, match="ask for fewer"):
         pattern_sets(3, 10, min_distance=8)
 
@@ -133,6 +134,43 @@ class _FakeSampler:
         if i == 0:
             return patterns_tensor([511] * n)
         return patterns_tensor([341, 186 ^ 1] * (n // 2))
+
+
+class _GreySampler:
+    """Step 0 draws the first grey trigger plus 0.05, step 1 a point 0.5 away from both."""
+
+    betas = (0.5, 0.9)
+
+    def __init__(self, trig):
+        self.trig = trig
+
+    def sample_step(self, i, n, generator=None):
+        x = (self.trig[0] + 0.05) if i == 0 else (self.trig[1] * 0 + 0.5)
+        return x.expand(n, -1, -1, -1).clone()
+
+
+def test_grey_sets_region_sample_and_grey_coverage():
+    sets = grey_sets(2, 3, seed=0)
+    assert [tuple(t.shape) for t in sets] == [(2, 1, 3, 3)] * 3 and all(((t >= 0) & (t <= 1)).all() for t in sets)
+    assert torch.equal(sets[1], grey_sets(2, 2, seed=0)[1]) and not torch.equal(sets[0], grey_sets(2, 1, seed=1)[0])
+    trig = torch.tensor([0.0, 1.0]).repeat_interleave(9).reshape(2, 1, 3, 3)  # all black, all white
+    region = region_sample(trig, n=100, seed=0)
+    assert region.shape == (100, 1, 3, 3) and ((region >= 0) & (region <= 1)).all()
+    d = (region - trig[torch.arange(100) % 2]).abs().amax((1, 2, 3))
+    assert (d <= REGION_RADIUS + 1e-6).all() and d.max() > REGION_RADIUS / 2  # spread over the region
+    assert torch.equal(region, region_sample(trig, n=100, seed=0))
+    cov = mode_coverage(_GreySampler(trig), trig, fired=[0], n=20)
+    assert cov[0]["exact"] == [1.0, 0.0] and cov[0]["near"] == [1.0, 0.0] and cov[0]["in_valid"] == 1.0
+    assert cov[1]["exact"] == [0.0, 0.0] and cov[1]["near"] == [0.0, 0.0]
+
+
+def test_setting_label_names_what_differs_from_the_preset():
+    base = {"k": 2, "preset": get_preset("fast").to_dict(), "protocol": "headline", "trigger_kind": "binary"}
+    assert setting_label(base) == "k = 2"
+    strong = base | {"preset": get_preset("fast").with_(poison_ratio=0.3, attack_epochs=3).to_dict()}
+    assert setting_label(strong) == "k = 2, poison 30%, 3 attack epochs"
+    assert setting_label(base | {"k": 1, "trigger_kind": "grey"}) == "k = 1, grey"
+    assert setting_label(base | {"protocol": "second"}) == "k = 2, second protocol"
 
 
 def test_mode_coverage_counts_exact_and_near_hits_per_sub_model():
@@ -158,8 +196,9 @@ def test_a_complete_line_has_every_arm_and_picks_actual_starts(fmnist_root, tmp_
     assert [l["patterns"] for l in lines] == [list(s) for s in pattern_sets(2, 1)]
     line = json.loads(out.read_text().splitlines()[0])
     assert line["status"] == "complete" and line["config"]["code"] and "git" in line["config"]
-    for arm in ("clean", "backdoored", "mesa", "point", "point_median", "point_worst", "random", "oracle"):
+    for arm in ("clean", "backdoored", "mesa", "point", "point_median", "point_worst", "random", "nc", "oracle"):
         assert len(line[arm]["asr_each"]) == 2 and {"fired", "mean_fired_before"} <= set(line[arm]["residual"])
+    assert line["nc_detection"]["detected_target"] in range(10)
     ps = line["point_search"]
     score = ps["check_asr"]
     ch = ps["chosen"]
@@ -179,6 +218,30 @@ def test_a_complete_line_has_every_arm_and_picks_actual_starts(fmnist_root, tmp_
     assert test["n"] == 1 and test["lower"] + test["higher"] + test["ties"] == 1
 
 
+def test_a_grey_line_measures_the_region_under_the_second_protocol(fmnist_root, tmp_path):
+    out = tmp_path / "grey.jsonl"
+    preset = TINY.with_(second_epochs=0.5)
+    lines = run_stress(1, 1, out, preset=preset, root=fmnist_root, progress=False, took_at=0.0, grey=True,
+                       protocol="second", nc=False)
+    line = lines[0]
+    assert line["status"] == "complete" and line["patterns"] is None and line["k"] == 1
+    assert torch.allclose(torch.tensor(line["triggers"]), grey_sets(1, 1)[0])
+    assert line["protocol"]["name"] == "second" and line["protocol"]["epochs"] == 0.5 and "nc" not in line
+    for arm in ("clean", "backdoored", "mesa", "point", "oracle"):
+        assert {"fired", "mean_fired_before", "max"} <= set(line[arm]["region"])
+    # the region's fired patches are counted against the backdoored model's
+    assert line["backdoored"]["region"]["fired"] <= 512
+    assert all(isinstance(d, float) for row in line["point_search"]["distances"] for d in row)
+    assert setting_label(line["config"]) == "k = 1, grey, second protocol"
+    table = arm_table(lines)
+    assert "nc" not in table and "region_residual" in table["mesa"]
+    assert paired(lines, "point_median", "region_residual")["n"] == 1
+    # a binary run cannot resume into a grey file
+    with pytest.raises(ValueError, match="other code or settings.*trigger_kind"):
+        run_stress(1, 1, out, preset=preset, root=fmnist_root, progress=False, took_at=0.0, protocol="second",
+                   nc=False)
+
+
 def _line(mesa_res, point_res):
     arm = lambda v: {"residual": {"fired": 0, "mean_fired_before": v, "max": v}, "asr_each": [v], "clean_acc": 0.9}
     return {"status": "complete", "k": 1, "mesa": arm(mesa_res), "point_median": arm(point_res)}
@@ -193,7 +256,17 @@ def test_paired_difference_and_sign_test_on_known_numbers():
 
 
 def test_cli_stress_bad_k_is_one_line_exit_2(capsys, tmp_path):
-    assert main(["stress", "--k", "1", "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert main(["stress", "--k", "0", "--out", str(tmp_path / "s.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "k >= 2" in err[0]
+    assert len(err) == 1 and "k >= 1" in err[0]
     assert not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.parametrize("opt,value,words", [("--poison-ratio", "1.5", "--poison-ratio must be in (0, 1)"),
+                                             ("--poison-ratio", "nan", "--poison-ratio must be a finite"),
+                                             ("--attack-epochs", "0", "--attack-epochs must be > 0"),
+                                             ("--protocol", "third", "invalid choice")])
+def test_cli_stress_bad_attack_settings_are_one_line_exit_2(capsys, tmp_path, opt, value, words):
+    assert main(["stress", opt, value, "--out", str(tmp_path / "s.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert words in err[-1] and not (tmp_path / "s.jsonl").exists()
