@@ -72,16 +72,51 @@ def hamming(a: int, b: int) -> int:
 def pattern_sets(k: int, n: int, seed: int = 0, min_distance: int = MIN_DISTANCE) -> list[tuple[int, ...]]:
     """``n`` seeded pattern-sets of ``k`` stamped patterns (bright members of the 51 canonical
     classes), pairwise at least ``min_distance`` apart, drawn without repeats from all such sets."""
-    if k < 2 or n < 1:
-        raise ValueError(f"a pattern-set has k >= 2 triggers and n >= 1 sets are drawn, got k={k}, n={n}")
+    if not 2 <= k <= MAX_K or n < 1:
+        raise ValueError(f"a pattern-set has 2..{MAX_K} triggers (--k) and n >= 1 sets (--sets) are drawn, "
+                         f"got k={k}, n={n}")
+    if not 1 <= min_distance <= 9:
+        raise ValueError(f"--min-distance must be 1..9 (pixels of a 3x3 pattern that differ), got {min_distance}")
     bright = sorted(bright_member(c) for c in canonical_patterns())
-    every = [s for s in itertools.combinations(bright, k)
-             if all(hamming(a, b) >= min_distance for a, b in itertools.combinations(s, 2))]
+    every = _spread_sets(bright, k, min_distance)
     if len(every) < n:
         raise ValueError(f"only {len(every)} sets of {k} patterns are {min_distance}+ pixels apart; ask for fewer "
                          "sets or a smaller --min-distance")
     order = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed))[:n]
     return [every[int(i)] for i in order]
+
+
+MAX_K = 4
+"""The most triggers one pattern-set implants (``--k``); at the default
+:data:`MIN_DISTANCE` no 5 stamped patterns are pairwise far enough apart."""
+
+MAX_SETS_ENUMERATED = 1_000_000
+"""The most candidate pattern-sets :func:`pattern_sets` lists before it refuses the settings."""
+
+
+def _spread_sets(patterns: Sequence[int], k: int, min_distance: int) -> list[tuple[int, ...]]:
+    """Every ``k``-subset of ``patterns`` (in ``itertools.combinations`` order) whose members
+    are pairwise at least ``min_distance`` apart, found depth first with pruning.
+
+    Raises:
+        ValueError: more than :data:`MAX_SETS_ENUMERATED` such sets.
+    """
+    found: list[tuple[int, ...]] = []
+
+    def grow(chosen: list[int], start: int) -> None:
+        if len(chosen) == k:
+            found.append(tuple(chosen))
+            if len(found) > MAX_SETS_ENUMERATED:
+                raise ValueError(f"over {MAX_SETS_ENUMERATED:,} sets of {k} patterns are {min_distance}+ pixels "
+                                 "apart; raise --min-distance or lower --k")
+            return
+        for i in range(start, len(patterns) - (k - len(chosen)) + 1):
+            p = patterns[i]
+            if all(hamming(p, q) >= min_distance for q in chosen):
+                grow(chosen + [p], i + 1)
+
+    grow([], 0)
+    return found
 
 
 def binary_ids(triggers: torch.Tensor) -> torch.Tensor:
@@ -211,6 +246,7 @@ def run_stress(k: int, sets: int, out: str | Path, preset: Preset | str = "fast"
     preset = get_preset(preset)
     out = check_writable(out)
     todo = pattern_sets(k, sets, seed, min_distance)  # bad k / sets: an error before any training
+    read_finished(out, repair=False)  # not a stress file: refused before a lock is made beside it
     with SweepLock(out):
         done = read_finished(out)
         if splits is None:
@@ -298,24 +334,31 @@ def paired(lines: Sequence[dict], arm: str, metric: str = "residual", against: s
 
 def add_cli(sub) -> None:
     """Register the ``stress`` subcommand."""
+    from .cli import _positive, _seed_type
+
     s = sub.add_parser("stress", help="several triggers for one target: does one point cover them? (JSONL, resumable)")
-    s.add_argument("--k", type=int, default=2, help="triggers implanted together (default 2)")
+    s.add_argument("--k", type=int, default=2, help=f"triggers implanted together, 2..{MAX_K} (default 2)")
     s.add_argument("--sets", type=int, default=8, help="pattern-sets, one line each (default 8)")
     s.add_argument("--min-distance", type=int, default=MIN_DISTANCE, help="least Hamming distance within a set")
-    s.add_argument("--seed", type=int, default=0, help="experiment seed (default 0)")
+    s.add_argument("--seed", type=_seed_type, default=0, help="experiment seed (default 0)")
     s.add_argument("--preset", default="fast", help="fast (default) or paper")
-    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    s.add_argument("--out", default="results/stress_k2.jsonl", help="JSONL file, one line per pattern-set")
+    s.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--out", default="results/stress_k2.jsonl", help="JSONL file, one line per pattern-set "
+                   "(appended to: rerun to resume; never replaced)")
     s.add_argument("--data-root", default=None, help="directory holding Fashion-MNIST (default: search)")
     s.add_argument("--quiet", action="store_true", help="no log lines")
 
 
 def run_cli(args) -> None:
     """Run the ``stress`` subcommand (bad settings raise ``ValueError`` before any training)."""
+    from .cli import _warn_paper_on_cpu
+
     check_writable(args.out)
-    get_preset(args.preset)
+    preset = get_preset(args.preset)
     pattern_sets(args.k, args.sets, args.seed, args.min_distance)
+    read_finished(args.out, repair=False)  # a file that is not a stress file: refused before any work
     with torch_threads(args.threads):
+        _warn_paper_on_cpu(preset.name, "fashion-mnist", None)
         lines = run_stress(args.k, args.sets, args.out, args.preset, args.seed, min_distance=args.min_distance,
                            root=args.data_root, progress=not args.quiet)
     print(f"{len(lines)} stress lines in {args.out}")
