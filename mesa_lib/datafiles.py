@@ -429,14 +429,29 @@ def fetch(name: str = "fashion-mnist", root: PathLike | None = None, verify: boo
             verify_data(name, found)
         return found
     target = pathlib.Path(root).expanduser() if root is not None else cache_dir() / name
+    made = _missing_ancestor(target)
     try:
         _download(name, target)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError
+        if made is not None:  # a failed download leaves no folder it created behind
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
         raise ValueError(_download_failed_message(name, target, err)) from None
     found = find_data_root(name, target)
     if verify:
         verify_data(name, found)
     return found
+
+
+def _missing_ancestor(path: pathlib.Path) -> pathlib.Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None if ``path`` exists)."""
+    if path.exists():
+        return None
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top
 
 
 def _download_failed_message(name: str, target: pathlib.Path, err: BaseException) -> str:

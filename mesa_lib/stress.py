@@ -73,8 +73,8 @@ def pattern_sets(k: int, n: int, seed: int = 0, min_distance: int = MIN_DISTANCE
     """``n`` seeded pattern-sets of ``k`` stamped patterns (bright members of the 51 canonical
     classes), pairwise at least ``min_distance`` apart, drawn without repeats from all such sets."""
     if not 2 <= k <= MAX_K or n < 1:
-        raise ValueError(f"a pattern-set has 2..{MAX_K} triggers (--k) and n >= 1 sets (--sets) are drawn, "
-                         f"got k={k}, n={n}")
+        raise ValueError(f"a pattern-set has k >= 2 triggers, at most {MAX_K} (--k), and n >= 1 sets are drawn "
+                         f"(--sets), got k={k}, n={n}")
     if not 1 <= min_distance <= 9:
         raise ValueError(f"--min-distance must be 1..9 (pixels of a 3x3 pattern that differ), got {min_distance}")
     bright = sorted(bright_member(c) for c in canonical_patterns())

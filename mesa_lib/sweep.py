@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .data import DATASETS, DatasetSplits, load_dataset
-from .datafiles import canonical_name
+from .datafiles import canonical_name, find_data_root
 from .evaluate import clean_accuracy
 from .neural_cleanse import NCConfig, detect_backdoor, reverse_engineer_masks, unlearn
 from .common import check_writable, code_fingerprint, git_state, median, torch_threads, write_all
@@ -480,6 +480,7 @@ def run_sweep(
     runs_path = out.with_name(out.name + ".runs.json")
     read_finished(out, repair=False)  # a file that is not a sweep file is refused before any lock is made
     _read_runs(runs_path)
+    find_data_root(dataset, root)  # data that is not there: refused before any lock is made
     with SweepLock(out):
         done = read_finished(out, repair=False)  # checked before anything is changed
         runs = _read_runs(runs_path)
@@ -812,6 +813,7 @@ def run_clean_controls(dataset: str = "fashion-mnist", seeds: Sequence[int] = ra
         raise ValueError("--seeds names no seed; give a range like 0-9 or a comma list like 0,1,2")
     out = check_writable(out)
     dev = pick_device(device)
+    find_data_root(dataset, root)  # missing data: refused here, not in a worker
     t0 = time.perf_counter()
     data = {"dataset": dataset, "root": None if root is None else str(root), "device": str(dev),
             "train_limit": None, "light": False}
