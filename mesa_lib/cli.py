@@ -385,7 +385,7 @@ def _warn_paper_on_cpu(preset: str, dataset: str, device: str | None, models: in
     threads = torch.get_num_threads()
     n = f"{models} clean models" if models > 1 else "clean training"
     print(f"warning: --preset paper on the CPU: {n} alone ({get_preset('paper').clean_epochs:g} epochs x "
-          f"{TRAIN_IMAGES[dataset]:,} images{' each' if models > 1 else ''}) takes about {one:.1f} h at the "
+          f"{TRAIN_IMAGES[dataset]:,} images{' each' if models > 1 else ''}) take{'' if models > 1 else 's'} about {one:.1f} h at the "
           f"{rate:g} images/s measured on {bench_threads} thread{'s' if bench_threads > 1 else ''} ({source}), at best about {now:.1f} h with "
           f"this run's {threads} threads; use a GPU (--device cuda) or --preset fast for minutes",
           file=sys.stderr, flush=True)
@@ -405,13 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     try:
+        if args.command == "clean-controls":
+            _refuse_seed_and_target(args)
+            seeds = _seed_list(args.seeds)
         if args.command in ("run", "clean-controls"):  # they write a whole file: never replace one by mistake
             check_new_file(args.out, args.force)  # before any data is loaded or model trained
         elif args.command == "sweep":
             check_out_path(args.out)  # appended to (resumed), never replaced
-        if args.command == "clean-controls":
-            _refuse_seed_and_target(args)
-            seeds = _seed_list(args.seeds)
         if args.command in ("run", "sweep", "clean-controls"):
             _warn_paper_on_cpu(args.preset, args.dataset, args.device,
                                len(seeds) if args.command == "clean-controls" else 1)
