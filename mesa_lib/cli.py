@@ -5,9 +5,16 @@
 Exit codes:
 
 * ``0`` -- success.
-* ``2`` -- bad input or usage: an unknown option or value, a pattern or target out of range,
-  an ``--out`` that cannot be written, ``--device cuda`` without a GPU, data that cannot be
-  found, fetched or parsed. One line on stderr, starting with ``error:``; nothing was trained.
+* ``2`` -- bad input or usage: an unknown option or value, a pattern, target or seed out of
+  range, an ``--out`` that cannot be written, or that exists where a command writes a whole
+  file (``run``, ``clean-controls``: ``--force`` replaces it; a sweep's or stress file is only
+  ever appended to), ``--device cuda`` without a GPU, data that cannot be found, fetched,
+  parsed or (``fetch-data``) that differs from the official files. One line on stderr,
+  starting with ``error:``; nothing was trained and no file was created or changed.
+* ``130`` -- interrupted (Ctrl-C): one line; rerun the same command to resume a sweep.
+
+``--preset paper`` on a CPU prints one warning line first, with the hours its clean training
+takes at the throughput ``bench/bench_mesa.py`` measured.
 * ``1`` -- an unexpected error (a bug): Python's traceback is printed.
 """
 
@@ -27,6 +34,7 @@ EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 _EXIT_CODES = """exit codes:
   0  success
   2  bad input or usage (one line on stderr starting with 'error:'; nothing was trained)
+  130  interrupted (Ctrl-C; rerun the same command to resume)
   1  unexpected error (a bug; Python's traceback is printed)"""
 
 _EPILOGS = {

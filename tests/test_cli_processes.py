@@ -74,7 +74,7 @@ def _wait_for_lines(out: Path, proc: subprocess.Popen, n: int, timeout: float = 
 def test_ctrl_c_is_one_line_exit_130_and_the_results_survive(tiny_cli, tmp_path):
     cmd, env = tiny_cli
     out = tmp_path / "s.jsonl"
-    args = _sweep_args(tmp_path, out, "0,1,3,5,7,9,11,13")
+    args = _sweep_args(tmp_path, out, "0,1,3,5")
     quiet = {**env, "PYTHONWARNINGS": "ignore::UserWarning"}  # the tiny preset's MESA warns of collapse
     proc = subprocess.Popen([*cmd, *args], env=quiet, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_lines(out, proc, 1)
@@ -84,11 +84,11 @@ def test_ctrl_c_is_one_line_exit_130_and_the_results_survive(tiny_cli, tmp_path)
     assert err.strip() == "interrupted: rerun the same command to resume"
     kept = out.read_bytes()
     lines = [json.loads(s) for s in kept.decode().splitlines()]  # only complete lines
-    assert kept.endswith(b"\n") and 1 <= len(lines) < 8
+    assert kept.endswith(b"\n") and 1 <= len(lines) < 4
     again = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert out.read_bytes().startswith(kept)  # resumed: the lines written before Ctrl-C are untouched
-    assert sorted(json.loads(s)["pattern"] for s in out.read_text().splitlines()) == [0, 1, 3, 5, 7, 9, 11, 13]
+    assert sorted(json.loads(s)["pattern"] for s in out.read_text().splitlines()) == [0, 1, 3, 5]
 
 
 def _children(pid: int) -> set[int]:
