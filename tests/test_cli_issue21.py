@@ -160,3 +160,24 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch, offlin
     with pytest.raises(ValueError, match="could not download"):
         datafiles.fetch("fashion-mnist", root=target)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="no /dev/full")
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    """A real ENOSPC (``/dev/full``) becomes DiskFullError, and the command line turns it into
+    one line that names the file and says nothing was lost."""
+    import mesa_lib.pipeline as pipeline
+    from mesa_lib.common import DiskFullError, write_all
+
+    with open("/dev/full", "wb") as full, pytest.raises(DiskFullError) as err:
+        write_all(full, b"x" * 65536, tmp_path / "r.json")
+    assert err.value.filename == str(tmp_path / "r.json")
+
+    def fill_up(**kw):
+        with open("/dev/full", "wb") as full:
+            write_all(full, b"x" * 65536, kw["out"])
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fill_up)
+    assert main(["run", "--out", str(tmp_path / "r.json"), "--quiet"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: disk full while writing {tmp_path / 'r.json'}: nothing lost")
