@@ -127,7 +127,7 @@ def _listing(*roots: Path) -> dict[str, str]:
 
 @dataclass
 class Outcome:
-    code: int
+    code: int | None
     stderr: str
     seconds: float
     before: dict
@@ -144,9 +144,13 @@ def _run(case: Case, base: Path) -> Outcome:
     env.pop("MESA_DATA_DIR", None)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mesa_lib", *case.args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
-    return Outcome(proc.returncode, proc.stderr, time.perf_counter() - t0, before, _listing(cwd, cache))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mesa_lib", *case.args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=2 * FEW_SECONDS)
+        code, err = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired:  # it went on to train: killed, and this case fails
+        code, err = None, f"still running after {2 * FEW_SECONDS:g} s (killed)"
+    return Outcome(code, err, time.perf_counter() - t0, before, _listing(cwd, cache))
 
 
 @pytest.fixture(scope="session")
