@@ -249,7 +249,8 @@ def read_finished(path: str | Path, repair: bool = True) -> dict[int, dict]:
 def append_line(path: str | Path, obj: dict) -> None:
     """Append one JSON line and make it durable (flush + fsync) before returning. If the
     write fails (a full disk: :class:`~mesa_lib.common.DiskFullError`) the file is cut back
-    to its previous length, so no half line is left."""
+    to its previous length, so no half line is left; a Ctrl-C that comes once the whole line
+    is in the file (during the fsync) keeps it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
@@ -257,9 +258,12 @@ def append_line(path: str | Path, obj: dict) -> None:
         start = f.seek(0, os.SEEK_END)
         try:
             write_all(f, line, path)
-        except BaseException:
+        except BaseException as err:
             try:
-                f.truncate(start)
+                if isinstance(err, OSError) or os.fstat(f.fileno()).st_size != start + len(line):
+                    f.truncate(start)
+                # else: interrupted (Ctrl-C) after the whole line reached the file: a finished
+                # trigger is kept, not thrown away
             except OSError:
                 pass  # a half line is cut off by the next resume
             raise

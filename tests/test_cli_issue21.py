@@ -181,3 +181,32 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     assert main(["run", "--out", str(tmp_path / "r.json"), "--quiet"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: disk full while writing {tmp_path / 'r.json'}: nothing lost")
+
+
+def test_ctrl_c_during_the_fsync_of_a_complete_line_keeps_it_and_a_half_line_is_cut(tmp_path, monkeypatch):
+    """The Ctrl-C test (tests/test_cli_processes.py) once lost a finished line: the interrupt
+    came in the fsync after the whole line was written, and the rollback cut it off."""
+    import mesa_lib.sweep as sweep_mod
+    from mesa_lib.sweep import append_line
+
+    path = tmp_path / "s.jsonl"
+
+    def interrupted_fsync(f, data, p):
+        f.write(data)
+        f.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "write_all", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        append_line(path, {"pattern": 1})
+    assert path.read_text() == '{"pattern":1}\n'
+
+    def interrupted_write(f, data, p):
+        f.write(data[:5])
+        f.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "write_all", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        append_line(path, {"pattern": 2})
+    assert path.read_text() == '{"pattern":1}\n'
