@@ -32,6 +32,8 @@ FEW_SECONDS = 30.0
 1.5 s here, several times that when both cores are busy); the least training of the
 fast preset takes minutes, so a command that trains first cannot come in under it."""
 
+pytestmark = pytest.mark.slow  # 35 processes: about 40 s on two idle cores, over 2 min when they are busy
+
 HUGE = str(2**64)  # one more than the largest unsigned 64-bit integer
 
 

@@ -71,6 +71,7 @@ def _wait_for_lines(out: Path, proc: subprocess.Popen, n: int, timeout: float = 
     raise AssertionError(f"the sweep ended (exit {proc.poll()}) or stalled before writing {n} line(s)")
 
 
+@pytest.mark.slow  # about 25 s: a sweep started, interrupted and resumed
 def test_ctrl_c_is_one_line_exit_130_and_the_results_survive(tiny_cli, tmp_path):
     cmd, env = tiny_cli
     out = tmp_path / "s.jsonl"
