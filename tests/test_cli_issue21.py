@@ -210,3 +210,29 @@ def test_ctrl_c_during_the_fsync_of_a_complete_line_keeps_it_and_a_half_line_is_
     with pytest.raises(KeyboardInterrupt):
         append_line(path, {"pattern": 2})
     assert path.read_text() == '{"pattern":1}\n'
+
+
+def test_clean_controls_computes_on_the_device_it_is_given(tmp_path, monkeypatch, fake_fmnist_root):
+    """Issue 21: clean-controls accepted --device and always ran on the CPU. The command line
+    passes it on, and the workers get it (checked with 'meta', a device every torch has)."""
+    import mesa_lib.sweep as sweep_mod
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(workers, threads, data):
+        seen.update(data)
+        raise Stop
+
+    monkeypatch.setattr(sweep_mod, "_worker_pool", capture)
+    with pytest.raises(Stop):
+        sweep_mod.run_clean_controls(seeds=[0], out=tmp_path / "c.json", root=fake_fmnist_root, device="meta",
+                                     progress=False)
+    assert seen["device"] == "meta"
+    calls = []
+    monkeypatch.setattr(sweep_mod, "run_clean_controls", lambda **kw: calls.append(kw) or
+                        {"mesa_false_positives": 0, "nc_false_positives": 0, "n": 1, "rule": "r"})
+    assert main(["clean-controls", "--device", "cpu", "--seeds", "0", "--out", str(tmp_path / "d.json")]) == 0
+    assert calls[0]["device"] == "cpu"
