@@ -5,9 +5,16 @@
 Exit codes:
 
 * ``0`` -- success.
-* ``2`` -- bad input or usage: an unknown option or value, a pattern or target out of range,
-  an ``--out`` that cannot be written, ``--device cuda`` without a GPU, data that cannot be
-  found, fetched or parsed. One line on stderr, starting with ``error:``; nothing was trained.
+* ``2`` -- bad input or usage: an unknown option or value, a pattern, target or seed out of
+  range, an ``--out`` that cannot be written, or that exists where a command writes a whole
+  file (``run``, ``clean-controls``: ``--force`` replaces it; a sweep's or stress file is only
+  ever appended to), ``--device cuda`` without a GPU, data that cannot be found, fetched,
+  parsed or (``fetch-data``) that differs from the official files. One line on stderr,
+  starting with ``error:``; nothing was trained and no file was created or changed.
+* ``130`` -- interrupted (Ctrl-C): one line; rerun the same command to resume a sweep.
+
+``--preset paper`` on a CPU prints one warning line first, with the hours its clean training
+takes at the throughput ``bench/bench_mesa.py`` measured.
 * ``1`` -- an unexpected error (a bug): Python's traceback is printed.
 """
 
@@ -17,7 +24,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from .common import DiskFullError
+from .common import DiskFullError, check_new_file
 from .common import check_writable as check_out_path
 
 __all__ = ["main", "format_table", "parse_device", "check_out_path"]
@@ -27,6 +34,7 @@ EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 _EXIT_CODES = """exit codes:
   0  success
   2  bad input or usage (one line on stderr starting with 'error:'; nothing was trained)
+  130  interrupted (Ctrl-C; rerun the same command to resume)
   1  unexpected error (a bug; Python's traceback is printed)"""
 
 _EPILOGS = {
@@ -47,6 +55,15 @@ _EPILOGS = {
   python -m mesa_lib sweep --preset fast --out results/sweep.jsonl          (rerun to resume)
   python -m mesa_lib sweep --patterns 170,341 --workers 2 --device cpu --out results/two.jsonl
   python -m mesa_lib sweep --dataset cifar100 --preset paper --device cuda --out results/c100.jsonl
+
+""" + _EXIT_CODES,
+    "clean-controls": """--seed and --target are refused: the clean models' seeds are given by --seeds (one
+model per seed: --seeds 3 is the clean model of seed 3), and a clean model has no target
+(the scan searches every class).
+
+examples:
+  python -m mesa_lib clean-controls --seeds 0-9 --workers 2 --out results/clean_controls.json
+  python -m mesa_lib clean-controls --seeds 3 --out seed3.json
 
 """ + _EXIT_CODES,
     "fetch-data": """examples:
@@ -177,6 +194,16 @@ def _seed_type(value: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _color_seed_type(value: str) -> int:
+    """An argparse type: a colour-trigger seed in ``0..MAX_SEED``."""
+    from .validate import check_seed
+
+    try:
+        return check_seed(int(value), "the colour seed")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _positive(value: str) -> int:
     """An argparse type: an integer >= 1."""
     try:
@@ -211,8 +238,9 @@ def _seed_list(spec: str) -> list[int]:
     return seeds
 
 
-def _shared_options() -> argparse.ArgumentParser:
-    """Options common to ``run`` and ``sweep`` (one parent parser)."""
+def _shared_options(seed_and_target: bool = True) -> argparse.ArgumentParser:
+    """Options common to ``run``, ``sweep`` and (without ``--seed`` / ``--target``)
+    ``clean-controls`` (one parent parser)."""
     from .data import DATASETS
     from .presets import PRESETS
 
@@ -221,8 +249,9 @@ def _shared_options() -> argparse.ArgumentParser:
                         help="dataset (default fashion-mnist)")
     shared.add_argument("--preset", type=_preset_name, choices=list(PRESETS), default="fast",
                         help="fast (CPU, minutes) or paper (authors' settings, GPU); default fast")
-    shared.add_argument("--seed", type=_seed_type, default=0, help="experiment seed (default 0)")
-    shared.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
+    if seed_and_target:
+        shared.add_argument("--seed", type=_seed_type, default=0, help="experiment seed (default 0)")
+        shared.add_argument("--target", type=int, default=0, help="attacker's target class (default 0)")
     shared.add_argument("--device", type=parse_device, default=None, metavar="{cpu,cuda,cuda:N}",
                         help="where to compute (default: cuda if available, else cpu)")
     shared.add_argument("--data-root", default=None, help="directory holding the dataset (default: search)")
@@ -242,8 +271,11 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[shared], epilog=_EPILOGS["run"], formatter_class=fmt,
                        help="run the whole pipeline once: attack, detection, MESA, defenses")
     r.add_argument("--pattern", type=int, default=170, help="3x3 pattern id 0..511 (default 170, the chequer)")
-    r.add_argument("--color-seed", type=int, default=None, help="use a seeded random colour trigger instead")
-    r.add_argument("--out", default="results.json", help="JSON results file (written after every stage)")
+    r.add_argument("--color-seed", type=_color_seed_type, default=None,
+                   help="use a seeded random colour trigger instead")
+    r.add_argument("--out", default="results.json", help="JSON results file (written after every stage); "
+                   "an existing file is never replaced unless --force")
+    r.add_argument("--force", action="store_true", help="replace an existing --out file")
     r.add_argument("--cache", action="store_true", help="reuse cached clean/backdoored models")
     r.add_argument("--oracle", action="store_true", help="also defend with the true trigger")
 
@@ -264,10 +296,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--light", action="store_true", help="MESA, point starts and oracle at the headline "
                    "protocol only (the book's extra seeds)")
 
-    c = sub.add_parser("clean-controls", parents=[shared], formatter_class=fmt, epilog=_EXIT_CODES,
+    c = sub.add_parser("clean-controls", parents=[_shared_options(seed_and_target=False)], formatter_class=fmt,
+                       epilog=_EPILOGS["clean-controls"],
                        help="false-positive control: MESA's scan and Neural Cleanse on clean models of many seeds")
     c.add_argument("--seeds", default="0-9", help="seeds of the clean models: a range 0-9 or a comma list")
-    c.add_argument("--out", default="results/clean_controls.json", help="JSON file with every scan and the rates")
+    c.add_argument("--seed", default=None, help="not accepted: the clean models' seeds are --seeds (e.g. --seeds 3)")
+    c.add_argument("--target", default=None, help="not accepted: a clean model has no attacker's target; the scan "
+                   "searches every class")
+    c.add_argument("--out", default="results/clean_controls.json", help="JSON file with every scan and the rates; "
+                   "an existing file is never replaced unless --force")
+    c.add_argument("--force", action="store_true", help="replace an existing --out file")
     c.add_argument("--workers", type=_positive, default=1, help="clean models scanned in parallel (processes)")
     from .zoo import add_cli as add_zoo_cli
 
@@ -280,6 +318,85 @@ def _parser() -> argparse.ArgumentParser:
 
     add_own_cli(sub)  # defend
     return p
+
+
+def _refuse_seed_and_target(args: argparse.Namespace) -> None:
+    """``clean-controls`` takes ``--seeds``; ``--seed`` and ``--target`` would be ignored, so
+    they are refused with what to write instead."""
+    if args.seed is not None:
+        raise ValueError(f"clean-controls takes --seeds, not --seed: one clean model per seed, e.g. "
+                         f"--seeds {args.seed} (or a range such as --seeds 0-9)")
+    if args.target is not None:
+        raise ValueError("clean-controls takes no --target: its models are clean (no attack, so no target) and "
+                         "its scan searches every class; leave --target out")
+
+
+TRAIN_IMAGES = {"fashion-mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+"""Training images of each dataset (the official training sets)."""
+
+PAPER_CPU_BENCH = "bench/results/bench_paper_cpu_1thread.json"
+"""The measured CPU throughput of the ``paper`` preset's classifier (``bench/bench_mesa.py``),
+relative to the repository root."""
+
+PAPER_CPU_IMAGES_PER_S = 23.0
+"""``classifier_images_per_s`` of :data:`PAPER_CPU_BENCH` (ResNet-18 training steps on
+CIFAR-sized images, one CPU thread), used where the benchmark file is not installed (a wheel);
+a test keeps the two equal."""
+
+
+def paper_cpu_throughput() -> tuple[float, int, str]:
+    """``(images per second, torch threads, source)`` of the ``paper`` classifier's training
+    on the CPU, as measured by the benchmark (:data:`PAPER_CPU_BENCH`)."""
+    import json
+
+    from .common import PACKAGE_DIR
+
+    path = PACKAGE_DIR.parent / PAPER_CPU_BENCH
+    try:
+        run = json.loads(path.read_text())
+        rate = next(r for r in run["runs"] if r.get("preset") == "paper")["classifier_images_per_s"]
+        return float(rate), int(run.get("threads") or 1), PAPER_CPU_BENCH
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return PAPER_CPU_IMAGES_PER_S, 1, "bench/bench_mesa.py"
+
+
+def paper_cpu_hours(dataset: str, models: int = 1, threads: int | None = None) -> tuple[float, float]:
+    """Hours of clean training of ``models`` ``paper`` classifiers on the CPU: ``(at the
+    benchmark's thread count, with ``threads`` -- assuming throughput grows at best in
+    proportion to the threads)``."""
+    import torch
+
+    from .presets import get_preset
+
+    rate, bench_threads, _ = paper_cpu_throughput()
+    images = get_preset("paper").clean_epochs * TRAIN_IMAGES[dataset] * models
+    hours = images / rate / 3600
+    threads = torch.get_num_threads() if threads is None else threads
+    return hours, hours * bench_threads / max(threads, bench_threads)
+
+
+def _warn_paper_on_cpu(preset: str, dataset: str, device: str | None, models: int = 1) -> None:
+    """One warning line on stderr when the ``paper`` preset is about to train on the CPU,
+    with the time its clean training alone takes at the measured throughput."""
+    if preset != "paper":
+        return
+    from .pipeline import pick_device
+
+    if pick_device(device).type != "cpu":
+        return
+    import torch
+
+    from .presets import get_preset
+
+    rate, bench_threads, source = paper_cpu_throughput()
+    one, now = paper_cpu_hours(dataset, models)
+    threads = torch.get_num_threads()
+    n = f"{models} clean models" if models > 1 else "clean training"
+    print(f"warning: --preset paper on the CPU: {n} alone ({get_preset('paper').clean_epochs:g} epochs x "
+          f"{TRAIN_IMAGES[dataset]:,} images{' each' if models > 1 else ''}) take{'' if models > 1 else 's'} about {one:.1f} h at the "
+          f"{rate:g} images/s measured on {bench_threads} thread{'s' if bench_threads > 1 else ''} ({source}), at best about {now:.1f} h with "
+          f"this run's {threads} threads; use a GPU (--device cuda) or --preset fast for minutes",
+          file=sys.stderr, flush=True)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace | int:
@@ -296,8 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     try:
+        if args.command == "clean-controls":
+            _refuse_seed_and_target(args)
+            seeds = _seed_list(args.seeds)
+        if args.command in ("run", "clean-controls"):  # they write a whole file: never replace one by mistake
+            check_new_file(args.out, args.force)  # before any data is loaded or model trained
+        elif args.command == "sweep":
+            check_out_path(args.out)  # appended to (resumed), never replaced
         if args.command in ("run", "sweep", "clean-controls"):
-            check_out_path(args.out)  # before any data is loaded or model trained
+            _warn_paper_on_cpu(args.preset, args.dataset, args.device,
+                               len(seeds) if args.command == "clean-controls" else 1)
         if args.command == "run":
             from .pipeline import run_pipeline
 
@@ -320,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "clean-controls":
             from .sweep import run_clean_controls
 
-            res = run_clean_controls(dataset=args.dataset, seeds=_seed_list(args.seeds), preset=args.preset,
+            res = run_clean_controls(dataset=args.dataset, seeds=seeds, preset=args.preset,
                                      out=args.out, workers=args.workers, root=args.data_root, progress=not args.quiet,
                                      device=args.device)
             print(f"{res['mesa_false_positives']} / {res['n']} clean models flagged by MESA's scan "
@@ -328,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "fetch-data":
             from .data import fetch
 
-            print(f"{args.dataset} is available in {fetch(args.dataset, root=args.root)}")
+            where = fetch(args.dataset, root=args.root, verify=True)
+            print(f"{args.dataset} is available in {where} (every file checked against the official checksums)")
         elif args.command in ("zoo", "grade", "zoo-reference"):
             from .zoo import run_cli
 

@@ -36,6 +36,7 @@ __all__ = [
     "torch_threads",
     "thread_count",
     "check_writable",
+    "check_new_file",
     "seeded",
 ]
 
@@ -178,6 +179,23 @@ def check_writable(out: str | os.PathLike) -> Path:
     if not path.exists() and not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: cannot create files in {ancestor} (read-only or permission denied); "
                          "choose a writable folder")
+    return path
+
+
+def check_new_file(out: str | os.PathLike, force: bool = False, option: str = "--out") -> Path:
+    """Check that writing the results file ``out`` replaces nothing: it must not exist yet,
+    unless ``force`` says that replacing it is meant. A command only ever creates a results
+    file or appends to it; this is the check of the commands that write a whole file
+    (``run``, ``clean-controls``). Also checks that ``out`` can be written
+    (:func:`check_writable`). The file is neither read nor modified.
+
+    Raises:
+        ValueError: one line naming ``option`` and ``--force``.
+    """
+    path = check_writable(out)
+    if not force and (path.exists() or path.is_symlink()):
+        raise ValueError(f"{option} {out} already exists and would be replaced; give a new file name, or pass "
+                         "--force to replace it")
     return path
 
 

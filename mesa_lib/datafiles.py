@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import pickle
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -226,12 +227,40 @@ def _holds(name: str, directory: pathlib.Path) -> pathlib.Path | None:
     return None
 
 
+_WARNED_DATA_DIRS: set[str] = set()
+
+
+def data_dir_problem(env: str) -> str | None:
+    """Why ``$MESA_DATA_DIR`` = ``env`` can serve no dataset (it is missing, not a folder, or
+    empty), else None."""
+    path = pathlib.Path(env).expanduser()
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "is not a folder"
+    try:
+        if not any(path.iterdir()):
+            return "is an empty folder"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    return None
+
+
 def _candidates(name: str) -> list[tuple[str, pathlib.Path]]:
-    """The places searched when no explicit ``root`` is given, in order."""
+    """The places searched when no explicit ``root`` is given, in order. A ``$MESA_DATA_DIR``
+    that is missing or empty is said so, once per process, on stderr: the user set it on
+    purpose, so it is not skipped silently."""
     places: list[tuple[str, pathlib.Path]] = []
     env = os.environ.get("MESA_DATA_DIR")
     if env:
-        places.append(("$MESA_DATA_DIR", pathlib.Path(env).expanduser()))
+        problem = data_dir_problem(env)
+        if problem and env not in _WARNED_DATA_DIRS:
+            _WARNED_DATA_DIRS.add(env)
+            print(f"warning: MESA_DATA_DIR={env} {problem}, so it holds no dataset; searching the other "
+                  "places instead (point it at the folder that holds the data, or unset it)",
+                  file=sys.stderr, flush=True)
+        places.append(("$MESA_DATA_DIR" + (f", which {problem}" if problem else ""),
+                       pathlib.Path(env).expanduser()))
     places.append(("user cache", cache_dir() / name))
     if DATASETS[name].debian_package:
         places.append((f"Debian package {DATASETS[name].debian_package}", DEBIAN_DATA_DIR / name))
@@ -298,6 +327,62 @@ def find_data_root(name: str, root: PathLike | None = None) -> pathlib.Path:
     raise FileNotFoundError(_not_found_message(name, searched))
 
 
+FMNIST_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+"""md5 sums of the official Fashion-MNIST IDX files, *decompressed* (the archives' own sums,
+torchvision's, depend on the compressor: Debian's re-gzipped files have other ones)."""
+
+
+def _md5_idx(path: pathlib.Path) -> str:
+    """The md5 of an IDX file's content (decompressed first if it is ``.gz``)."""
+    if path.suffix != ".gz":
+        return _md5(path)
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with gzip.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: cannot be decompressed ({err}); the file is corrupt") from None
+    return digest.hexdigest()
+
+
+def verify_data(name: str, directory: PathLike) -> None:
+    """Check every file of ``name`` in ``directory`` (what :func:`find_data_root` returned)
+    against the md5 sums of the official files, so that data reported as available is
+    the real dataset, not a corrupt or modified copy.
+
+    Raises:
+        ValueError: one line naming the file that differs and what to do.
+    """
+    name = canonical_name(name)
+    directory = pathlib.Path(directory)
+    if name == "fashion-mnist":
+        fix = (f"reinstall Debian's package (apt-get install --reinstall {DATASETS[name].debian_package})"
+               if directory == DEBIAN_DATA_DIR / name else
+               f"move {directory} away and get the dataset again (python -m mesa_lib fetch-data)")
+        for stem, expected in FMNIST_MD5.items():
+            path = _idx_file(directory, stem)
+            if path is None:
+                raise ValueError(f"{directory / stem}: missing; {fix}")
+            try:
+                got = _md5_idx(path)
+            except ValueError as err:
+                raise ValueError(f"{err}: {fix}") from None
+            if got != expected:
+                raise ValueError(f"{path}: md5 {got} of its content differs from the official Fashion-MNIST "
+                                 f"file ({expected}); the data is corrupt or was modified: {fix}")
+        return
+    train_list, test_list, (meta_file, meta_md5, _) = _cifar_reference(name)
+    folder = directory / _CIFAR_FILES[name][0]
+    for file, md5 in [*train_list, *test_list, (meta_file, meta_md5)]:
+        _check_cifar_md5(folder / file, md5, name)
+
+
 def _download(name: str, target: pathlib.Path) -> None:
     """Download ``name`` into ``target`` through torchvision (needs internet).
 
@@ -316,7 +401,7 @@ def _download(name: str, target: pathlib.Path) -> None:
         download_and_extract_archive(cls.url, str(target), filename=cls.filename, md5=cls.tgz_md5)
 
 
-def fetch(name: str = "fashion-mnist", root: PathLike | None = None) -> pathlib.Path:
+def fetch(name: str = "fashion-mnist", root: PathLike | None = None, verify: bool = False) -> pathlib.Path:
     """Make sure ``name`` is on disk where :func:`load_dataset` finds it.
 
     If the dataset is already findable (e.g. Debian's package is installed)
@@ -324,24 +409,49 @@ def fetch(name: str = "fashion-mnist", root: PathLike | None = None) -> pathlib.
     torchvision (needs internet) into ``root`` if given, else into the user
     cache ``cache_dir()/name``.
 
+    With ``verify`` (``python -m mesa_lib fetch-data``) every file found or downloaded is
+    checked against the official md5 sums (:func:`verify_data`).
+
     Returns:
         The directory :func:`find_data_root` now returns for it.
 
     Raises:
-        ValueError: unknown name, or the download failed (e.g. no internet): one line that
-            says how to get the data offline.
+        ValueError: unknown name, the download failed (e.g. no internet), or (``verify``) a
+            file differs from the official one: one line that says what to do.
     """
     name = canonical_name(name)
     try:
-        return find_data_root(name, root)
+        found = find_data_root(name, root)
     except FileNotFoundError:
-        pass
+        found = None
+    if found is not None:
+        if verify:
+            verify_data(name, found)
+        return found
     target = pathlib.Path(root).expanduser() if root is not None else cache_dir() / name
+    made = _missing_ancestor(target)
     try:
         _download(name, target)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError
+        if made is not None:  # a failed download leaves no folder it created behind
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
         raise ValueError(_download_failed_message(name, target, err)) from None
-    return find_data_root(name, target)
+    found = find_data_root(name, target)
+    if verify:
+        verify_data(name, found)
+    return found
+
+
+def _missing_ancestor(path: pathlib.Path) -> pathlib.Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None if ``path`` exists)."""
+    if path.exists():
+        return None
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top
 
 
 def _download_failed_message(name: str, target: pathlib.Path, err: BaseException) -> str:

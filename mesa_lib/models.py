@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from tqdm.auto import tqdm
 
 from .common import atomic_write_bytes
@@ -86,6 +85,8 @@ class SmallCNN(nn.Module):
 
 def cifar_resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv, no max-pool."""
+    import torchvision  # here, not at the top: the command line starts faster without it
+
     net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()

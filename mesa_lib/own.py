@@ -1082,7 +1082,7 @@ def add_cli(sub) -> None:
     """Add the ``defend`` subcommand to an argparse subparsers object."""
     import argparse
 
-    from .cli import parse_device
+    from .cli import _seed_type, parse_device
 
     d = sub.add_parser("defend", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="scan, model the triggers of and defend YOUR model on your images")
@@ -1106,7 +1106,7 @@ def add_cli(sub) -> None:
     d.add_argument("--detect-steps", type=int, default=None, help="scan steps (default: the preset's)")
     d.add_argument("--mesa-steps", type=int, default=None, help="MESA steps (default: the preset's)")
     d.add_argument("--epochs", type=float, default=None, help="retraining epochs (default: the preset's)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_seed_type, default=0, help="seeds the split, the searches and the retraining")
     d.add_argument("--always", action="store_true", help="defend even when the scan does not flag the model")
     d.add_argument("--device", type=parse_device, default=None, metavar="{cpu,cuda,cuda:N}",
                    help="where to compute (default: cuda if available, else cpu)")

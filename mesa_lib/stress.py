@@ -98,11 +98,13 @@ _GREY_SEED = 7_000
 def pattern_sets(k: int, n: int, seed: int = 0, min_distance: int = MIN_DISTANCE) -> list[tuple[int, ...]]:
     """``n`` seeded pattern-sets of ``k`` stamped patterns (bright members of the 51 canonical
     classes), pairwise at least ``min_distance`` apart, drawn without repeats from all such sets."""
-    if k < 1 or n < 1:
-        raise ValueError(f"a pattern-set has k >= 1 triggers and n >= 1 sets are drawn, got k={k}, n={n}")
+    if not 1 <= k <= MAX_K or n < 1:
+        raise ValueError(f"a pattern-set has k >= 1 triggers, at most {MAX_K} (--k), and n >= 1 sets are drawn "
+                         f"(--sets), got k={k}, n={n}")
+    if not 1 <= min_distance <= 9:
+        raise ValueError(f"--min-distance must be 1..9 (pixels of a 3x3 pattern that differ), got {min_distance}")
     bright = sorted(bright_member(c) for c in canonical_patterns())
-    every = [s for s in itertools.combinations(bright, k)
-             if all(hamming(a, b) >= min_distance for a, b in itertools.combinations(s, 2))]
+    every = _spread_sets(bright, k, min_distance)
     if len(every) < n:
         raise ValueError(f"only {len(every)} sets of {k} patterns are {min_distance}+ pixels apart; ask for fewer "
                          "sets or a smaller --min-distance")
@@ -110,11 +112,45 @@ def pattern_sets(k: int, n: int, seed: int = 0, min_distance: int = MIN_DISTANCE
     return [every[int(i)] for i in order]
 
 
+MAX_K = 4
+"""The most triggers one set implants (``--k``); at the default :data:`MIN_DISTANCE` no 5
+stamped patterns are pairwise far enough apart."""
+
+MAX_SETS_ENUMERATED = 1_000_000
+"""The most candidate pattern-sets :func:`pattern_sets` lists before it refuses the settings."""
+
+
+def _spread_sets(patterns: Sequence[int], k: int, min_distance: int) -> list[tuple[int, ...]]:
+    """Every ``k``-subset of ``patterns`` (in ``itertools.combinations`` order) whose members
+    are pairwise at least ``min_distance`` apart, found depth first with pruning.
+
+    Raises:
+        ValueError: more than :data:`MAX_SETS_ENUMERATED` such sets.
+    """
+    found: list[tuple[int, ...]] = []
+
+    def grow(chosen: list[int], start: int) -> None:
+        if len(chosen) == k:
+            found.append(tuple(chosen))
+            if len(found) > MAX_SETS_ENUMERATED:
+                raise ValueError(f"over {MAX_SETS_ENUMERATED:,} sets of {k} patterns are {min_distance}+ pixels "
+                                 "apart; raise --min-distance or lower --k")
+            return
+        for i in range(start, len(patterns) - (k - len(chosen)) + 1):
+            p = patterns[i]
+            if all(hamming(p, q) >= min_distance for q in chosen):
+                grow(chosen + [p], i + 1)
+
+    grow([], 0)
+    return found
+
+
 def grey_sets(k: int, n: int, seed: int = 0) -> list[torch.Tensor]:
     """``n`` seeded sets of ``k`` grey-level 1-channel 3x3 triggers ``[k, 1, 3, 3]``, every pixel
     drawn uniformly in [0, 1] (set ``i`` is the same whatever ``n``)."""
-    if k < 1 or n < 1:
-        raise ValueError(f"a grey set has k >= 1 triggers and n >= 1 sets are drawn, got k={k}, n={n}")
+    if not 1 <= k <= MAX_K or n < 1:
+        raise ValueError(f"a grey set has k >= 1 triggers, at most {MAX_K} (--k), and n >= 1 sets are drawn "
+                         f"(--sets), got k={k}, n={n}")
     out = []
     for i in range(n):
         g = torch.Generator().manual_seed(seed + _GREY_SEED + 1009 * i)
@@ -346,6 +382,7 @@ def run_stress(k: int, sets: int, out: str | Path, preset: Preset | str = "fast"
     out = check_writable(out)
     # bad k / sets: an error before any training
     todo = grey_sets(k, sets, seed) if grey else pattern_sets(k, sets, seed, min_distance)
+    read_finished(out, repair=False)  # not a stress file: refused before a lock is made beside it
     with SweepLock(out):
         done = read_finished(out)
         if splits is None:
@@ -443,8 +480,10 @@ def paired(lines: Sequence[dict], arm: str, metric: str = "residual", against: s
 
 def add_cli(sub) -> None:
     """Register the ``stress`` subcommand."""
+    from .cli import _positive, _seed_type
+
     s = sub.add_parser("stress", help="several triggers for one target: does one point cover them? (JSONL, resumable)")
-    s.add_argument("--k", type=int, default=2, help="triggers implanted together (default 2)")
+    s.add_argument("--k", type=int, default=2, help=f"triggers implanted together, 1..{MAX_K} (default 2)")
     s.add_argument("--sets", type=int, default=8, help="pattern-sets, one line each (default 8)")
     s.add_argument("--min-distance", type=int, default=MIN_DISTANCE, help="least Hamming distance within a set")
     s.add_argument("--grey", action="store_true",
@@ -456,10 +495,11 @@ def add_cli(sub) -> None:
     s.add_argument("--protocol", default="headline", choices=("headline", "second"),
                    help="retraining protocol of every arm: the preset's headline one (default) or its second one")
     s.add_argument("--no-nc", action="store_true", help="leave the Neural Cleanse arm out")
-    s.add_argument("--seed", type=int, default=0, help="experiment seed (default 0)")
+    s.add_argument("--seed", type=_seed_type, default=0, help="experiment seed (default 0)")
     s.add_argument("--preset", default="fast", help="fast (default) or paper")
-    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    s.add_argument("--out", default="results/stress_k2.jsonl", help="JSONL file, one line per pattern-set")
+    s.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--out", default="results/stress_k2.jsonl", help="JSONL file, one line per pattern-set "
+                   "(appended to: rerun to resume; never replaced)")
     s.add_argument("--data-root", default=None, help="directory holding Fashion-MNIST (default: search)")
     s.add_argument("--quiet", action="store_true", help="no log lines")
 
@@ -481,13 +521,17 @@ def cli_preset(args) -> Preset:
 
 def run_cli(args) -> None:
     """Run the ``stress`` subcommand (bad settings raise ``ValueError`` before any training)."""
+    from .cli import _warn_paper_on_cpu
+
     check_writable(args.out)
     preset = cli_preset(args)
     if args.grey:
         grey_sets(args.k, args.sets, args.seed)
     else:
         pattern_sets(args.k, args.sets, args.seed, args.min_distance)
+    read_finished(args.out, repair=False)  # a file that is not a stress file: refused before any work
     with torch_threads(args.threads):
+        _warn_paper_on_cpu(preset.name, "fashion-mnist", None)
         lines = run_stress(args.k, args.sets, args.out, preset, args.seed, min_distance=args.min_distance,
                            root=args.data_root, progress=not args.quiet, grey=args.grey, protocol=args.protocol,
                            nc=not args.no_nc)

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .data import DATASETS, DatasetSplits, load_dataset
-from .datafiles import canonical_name
+from .datafiles import canonical_name, find_data_root
 from .evaluate import clean_accuracy
 from .neural_cleanse import NCConfig, detect_backdoor, reverse_engineer_masks, unlearn
 from .common import check_writable, code_fingerprint, git_state, median, torch_threads, write_all
@@ -249,7 +249,8 @@ def read_finished(path: str | Path, repair: bool = True) -> dict[int, dict]:
 def append_line(path: str | Path, obj: dict) -> None:
     """Append one JSON line and make it durable (flush + fsync) before returning. If the
     write fails (a full disk: :class:`~mesa_lib.common.DiskFullError`) the file is cut back
-    to its previous length, so no half line is left."""
+    to its previous length, so no half line is left; a Ctrl-C that comes once the whole line
+    is in the file (during the fsync) keeps it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
@@ -257,9 +258,12 @@ def append_line(path: str | Path, obj: dict) -> None:
         start = f.seek(0, os.SEEK_END)
         try:
             write_all(f, line, path)
-        except BaseException:
+        except BaseException as err:
             try:
-                f.truncate(start)
+                if isinstance(err, OSError) or os.fstat(f.fileno()).st_size != start + len(line):
+                    f.truncate(start)
+                # else: interrupted (Ctrl-C) after the whole line reached the file: a finished
+                # trigger is kept, not thrown away
             except OSError:
                 pass  # a half line is cut off by the next resume
             raise
@@ -480,6 +484,7 @@ def run_sweep(
     runs_path = out.with_name(out.name + ".runs.json")
     read_finished(out, repair=False)  # a file that is not a sweep file is refused before any lock is made
     _read_runs(runs_path)
+    find_data_root(dataset, root)  # data that is not there: refused before any lock is made
     with SweepLock(out):
         done = read_finished(out, repair=False)  # checked before anything is changed
         runs = _read_runs(runs_path)
@@ -812,6 +817,7 @@ def run_clean_controls(dataset: str = "fashion-mnist", seeds: Sequence[int] = ra
         raise ValueError("--seeds names no seed; give a range like 0-9 or a comma list like 0,1,2")
     out = check_writable(out)
     dev = pick_device(device)
+    find_data_root(dataset, root)  # missing data: refused here, not in a worker
     t0 = time.perf_counter()
     data = {"dataset": dataset, "root": None if root is None else str(root), "device": str(dev),
             "train_limit": None, "light": False}

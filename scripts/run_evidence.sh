@@ -37,5 +37,10 @@ for seed in 1 2; do
   $PY -m mesa_lib sweep --light --seed $seed --patterns "$EXTRA_PATTERNS" --workers 2 \
     --out "$OUT/sweep_fashion-mnist_fast_seed$seed.jsonl"
 done
-$PY -m mesa_lib clean-controls --seeds 0-9 --workers 2 --out "$OUT/clean_controls_fashion-mnist_fast.json"
+CONTROLS="$OUT/clean_controls_fashion-mnist_fast.json"
+if [ -f "$CONTROLS" ]; then  # done already: clean-controls never replaces a results file (it needs --force)
+  echo "$CONTROLS exists: the clean-model control is done (move it away to redo it)"
+else
+  $PY -m mesa_lib clean-controls --seeds 0-9 --workers 2 --out "$CONTROLS"
+fi
 echo "evidence done in $(( $(date +%s) - t0 )) s"
