@@ -386,7 +386,8 @@ def test_every_cell_carries_nbgrader_metadata():
             assert cell.cell_type == "code" and "### BEGIN SOLUTION" in cell.source
         elif meta.get("grade"):
             assert meta["locked"] and meta["points"] > 0 and "### BEGIN HIDDEN TESTS" in cell.source
-            assert "hidden=True" in cell.source.split("### BEGIN HIDDEN TESTS", 1)[1]
+            hidden = cell.source.split("### BEGIN HIDDEN TESTS", 1)[1]
+            assert f'grade_isolated("{meta["grade_id"]}")' in hidden  # graded by the isolated grader
         else:
             assert meta["locked"], f"an unlocked non-solution cell: {cell.source[:60]!r}"
             assert "BEGIN SOLUTION" not in cell.source

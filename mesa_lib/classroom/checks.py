@@ -68,7 +68,7 @@ __all__ = [
     "check_stamp_one", "check_stamp", "check_canonical", "check_testing_function", "check_hinge",
     "check_dv_bound", "check_mine_step", "check_mixture_sample", "check_gibbs_optimum", "check_valid_mass",
     "check_anomaly_index", "check_retrain_transform", "check_attack_success", "check_sign_test",
-    "check_bootstrap_ci"
+    "check_bootstrap_ci", "grade_isolated"
 ]
 
 CORRECT = "Correct!"
@@ -102,6 +102,30 @@ def _hidden_cases(name: str) -> list | None:
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     return mod.hidden_cases(name)
+
+
+def grade_isolated(grade_id: str, notebook: str = "10_exercises.ipynb") -> float:
+    """For the hidden test cells of the instructor's source notebook (nbgrader autograde, the
+    book's build): grade item ``grade_id`` of ``notebook`` (in the current folder) with the
+    isolated grader, ``instructor/grader.py``, loaded afresh from the instructor's source, in a
+    fresh process; print the feedback and return the points (nbgrader's partial credit). Raises
+    (the cell fails: 0 points) where the grader is absent, as in an installed package."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / _INSTRUCTOR / "grader.py"
+    if not path.is_file():
+        raise RuntimeError("the isolated grader (instructor/grader.py) is not installed here: the graded "
+                           "cases run on the instructor's machine")
+    global _ISOLATED
+    if _ISOLATED is None:  # once per kernel: its grader keeps one zygote for the notebook's items
+        spec = importlib.util.spec_from_file_location("_mesa_isolated_grader", path)
+        _ISOLATED = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_ISOLATED)
+    return _ISOLATED.item(grade_id, notebook)
+
+
+_ISOLATED: Any = None
 
 
 def _run(name: str, fn: Any, public: list, hidden: bool, **kw) -> Score:
