@@ -112,13 +112,20 @@ def _solutions() -> dict[str, str]:
             if c.cell_type == "code" and c.metadata.get("nbgrader", {}).get("solution")}
 
 
-def _submission(replace: dict[str, str], blank: bool = False):
-    """The source notebook with its solution cells blank (``blank``) or solved, then ``replace``d."""
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+def _stub(solution: str) -> str:
+    """The released version of a solution cell: its ``def`` line, then nbgrader's stub."""
+    head = next(line for line in solution.splitlines() if line.startswith("def "))
+    return head + "\n    " + STUB.replace("\n", "\n    ").rstrip() + "\n"
+
+
+def _submission(replace: dict[str, str], blank: bool = False, notebook: Path = NOTEBOOK):
+    """The source notebook with its solution cells blank (``blank``: the released stubs) or
+    solved, then ``replace``d."""
+    nb = nbformat.read(notebook, as_version=4)
     for cell in nb.cells:
         gid = cell.metadata.get("nbgrader", {}).get("grade_id")
         if cell.metadata.get("nbgrader", {}).get("solution"):
-            cell.source = replace.get(gid, STUB if blank else cell.source)
+            cell.source = replace.get(gid, _stub(cell.source) if blank else cell.source)
     return nb
 
 
@@ -129,11 +136,11 @@ def round_trip():
     subs = {
         "correct": _submission({}),
         "typical mistakes": _submission(FAULTY),
-        "patch the checker": _submission({first: PATCH_CHECKER}, blank=True),
-        "rebind the checks": _submission({first: REBIND}, blank=True),
+        "patch the checker": _submission({first: _stub(_solutions()[first]) + PATCH_CHECKER}, blank=True),
+        "rebind the checks": _submission({first: _stub(_solutions()[first]) + REBIND}, blank=True),
         "hard-code, hidden=True": _submission({first: HARD_CODE}, blank=True),
         "disguised reference": _submission(DISGUISED, blank=True),
-        "tamper with the package": _submission({first: TAMPER}, blank=True),
+        "tamper with the package": _submission({first: _stub(_solutions()[first]) + TAMPER}, blank=True),
         "blank, graded next": _submission({}, blank=True),
         "hang": _submission({"ex-stamp-one-solution": HANG_IN_FUNCTION, "ex-mixture-solution": HANG_IN_CELL}),
     }

@@ -111,6 +111,7 @@ def grade_isolated(grade_id: str, notebook: str = "10_exercises.ipynb") -> float
     fresh process; print the feedback and return the points (nbgrader's partial credit). Raises
     (the cell fails: 0 points) where the grader is absent, as in an installed package."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / _INSTRUCTOR / "grader.py"
@@ -120,8 +121,10 @@ def grade_isolated(grade_id: str, notebook: str = "10_exercises.ipynb") -> float
     global _ISOLATED
     if _ISOLATED is None:  # once per kernel: its grader keeps one zygote for the notebook's items
         spec = importlib.util.spec_from_file_location("_mesa_isolated_grader", path)
-        _ISOLATED = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_ISOLATED)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        _ISOLATED = mod
     return _ISOLATED.item(grade_id, notebook)
 
 
