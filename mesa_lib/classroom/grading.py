@@ -6,14 +6,17 @@ line of an autograded cell as partial credit) that also carries the maximum and 
 feedback. Before the cases run, it rejects, with zero points and a message:
 
 * the library's reference implementation handed in as the answer (``my_stamp = stamp``):
-  the function object, its code object, or a function that *calls* the reference. The last
+  the function object, its code object, a copy of its code (a new function from its code
+  object, or an ``exec`` of its source: the same instructions, global names and constants),
+  or a function that *calls* the reference. The last
   is found by a trip wire: while the student's function runs, the ``__code__`` of every
   forbidden reference is swapped for one that raises :class:`ReferenceUsed` (a
   ``BaseException``, so a student's ``except Exception`` does not swallow it), however the
   student imported it;
 * Python loops where the item forbids them: the source of the function (and of the helper
   functions it calls that were defined in the same notebook) is parsed, and any ``for``,
-  ``while`` or comprehension is reported with its line;
+  ``while``, comprehension, or call of ``map``, ``filter``, ``reduce``, ``exec`` or ``eval``
+  is reported with its line (a loop by recursion or in an imported helper is not detected);
 * host synchronisations (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``) where the item
   asks for code that would run on a GPU without stalling.
 
