@@ -17,7 +17,6 @@ from mesa_lib.classroom.checks import (
     check_anomaly_index, check_attack_success, check_bootstrap_ci, check_canonical, check_dv_bound,
     check_gibbs_optimum, check_hinge, check_mine_step, check_mixture_sample, check_retrain_transform,
     check_sign_test, check_stamp, check_stamp_one, check_testing_function, check_valid_mass, paste_at_random,
-    reference_hinge_loss,
 )
 from mesa_lib.classroom.rubric import items
 from mesa_lib.defense import stamp_transform
@@ -187,13 +186,13 @@ def test_not_implemented_is_explained(capsys):
     (check_stamp, lambda i, t, l: paste_at_random(i, t) * 0 + stamp(i, t, l), "stamp"),
     (check_stamp_one, lambda im, t, r, c: stamp(im[None], t, (r, c))[0], "stamp"),
     (check_canonical, canonical_id, "canonical_id"),
-    (check_canonical, lambda i: symmetry_class(i)[0], "symmetry_class"),
+    (check_canonical, lambda i: symmetry_class(i)[0], "canonical_id"),  # canonical_id's own code, copied
     (check_dv_bound, dv_bound, "dv_bound"),
     (check_dv_bound, lambda a, b: dv_bound(a, b) + 0, "dv_bound"),
-    (check_hinge, reference_hinge_loss, "reference_hinge_loss"),
+    (check_hinge, checks._expect_hinge_loss, "_expect_hinge_loss"),
     (check_retrain_transform, lambda x, y, s, r, g: stamp_transform(s, r)(x, y, g), "stamp_transform"),
-    (check_mixture_sample, checks.reference_mixture_sample, "reference_mixture_sample"),
-    (check_gibbs_optimum, checks.reference_gibbs_optimum, "reference_gibbs_optimum"),
+    (check_mixture_sample, checks._expect_mixture_sample, "_expect_mixture_sample"),
+    (check_gibbs_optimum, checks._expect_gibbs_optimum, "_expect_gibbs_optimum"),
 ])
 def test_reference_scores_zero(checker, fn, name, capsys):
     out = assert_score(checker, fn, capsys, 0, "reference implementation", name)
@@ -298,7 +297,8 @@ def test_device_case_in_strict_device_mode(strict_device, capsys):
     (check_hinge, lambda f, b: -f.mean(), 0, ["not capped"]),
     (check_hinge, lambda f, b: -torch.minimum(f.detach(), torch.as_tensor(b)).mean(), 0, ["not differentiable"]),
     (check_dv_bound, lambda tj, tm: tj.mean() - torch.log(torch.exp(tm).mean()), 1, ["overflows", "logsumexp"]),
-    (check_dv_bound, lambda tj, tm: tj.mean() - torch.logsumexp(tm, 0), 0, ["log(n)"]),
+    # the rubric's named mistake: stable but without the - log n, it loses the value case only
+    (check_dv_bound, lambda tj, tm: tj.mean() - torch.logsumexp(tm, 0), 2, ["log(n)"]),
     (check_dv_bound, lambda tj, tm: tj.mean() - tm.mean(), 0, ["jensen"]),
     (check_gibbs_optimum, lambda f, b, a: torch.exp(torch.clamp(f, max=b) / a) / torch.exp(
         torch.clamp(f, max=b) / a).sum(), 2, ["overflows"]),
@@ -386,7 +386,8 @@ def test_every_cell_carries_nbgrader_metadata():
             assert cell.cell_type == "code" and "### BEGIN SOLUTION" in cell.source
         elif meta.get("grade"):
             assert meta["locked"] and meta["points"] > 0 and "### BEGIN HIDDEN TESTS" in cell.source
-            assert "hidden=True" in cell.source.split("### BEGIN HIDDEN TESTS", 1)[1]
+            hidden = cell.source.split("### BEGIN HIDDEN TESTS", 1)[1]
+            assert f'grade_isolated("{meta["grade_id"]}")' in hidden  # graded by the isolated grader
         else:
             assert meta["locked"], f"an unlocked non-solution cell: {cell.source[:60]!r}"
             assert "BEGIN SOLUTION" not in cell.source
@@ -480,7 +481,7 @@ def test_bootstrap_accepts_a_python_loop(capsys):
 @pytest.mark.parametrize("checker, fn, name", [
     (check_sign_test, sign_test, "mesa_lib.sweep.sign_test"),
     (check_sign_test, lambda a, b: sign_test(a, b)["p"], "mesa_lib.sweep.sign_test"),
-    (check_sign_test, checks.reference_sign_test, "reference_sign_test"),
+    (check_sign_test, checks._expect_sign_test, "_expect_sign_test"),
     (check_bootstrap_ci, bootstrap_ci, "mesa_lib.sweep.bootstrap_ci"),
     (check_bootstrap_ci, lambda v, level, n, g: bootstrap_ci(v, level, n), "mesa_lib.sweep.bootstrap_ci"),
 ])
@@ -604,3 +605,66 @@ def test_points_typed_in_the_assignment_text_match_the_metadata():
     assert typed == [i.points for i in its]
     text = " ".join(" ".join(md).split())
     assert f"the top ASR is at least {FLAG_ASR:.0%} and the index is above {FLAG_INDEX:g}" in text
+
+
+# --------------------------------------------------------------------------- issue 20: nothing hidden, no global state
+def test_checks_leave_the_global_random_state_alone(capsys):
+    """The checkers seed their own models (common.seeded) and generators: the student's stream
+    is what it was."""
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    graded(check_testing_function, tfun, capsys)
+    graded(check_mine_step, mine_step, capsys)
+    check_testing_function(tfun)
+    check_mine_step(mine_step)
+    capsys.readouterr()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_hidden_cases_are_not_in_the_package(monkeypatch, capsys):
+    """Without the instructor's source (an installed package), hidden=True runs nothing and says
+    so; the package names no graded case and exports no reference."""
+    import inspect
+
+    monkeypatch.setattr(checks, "_INSTRUCTOR", "no_such_instructor_folder")
+    monkeypatch.delitem(__import__("sys").modules, "no_such_instructor_folder.hidden", raising=False)
+    score = check_stamp_one(lambda im, t, r, c: im, hidden=True)
+    out = capsys.readouterr().out
+    assert float(score) == 0 and score.max_points == checks.POINTS["stamp one image"]
+    assert "not part of the installed package" in out and "case 1" not in out
+    assert not [n for n in dir(cr) + list(checks.__all__) if n.startswith("reference_")]
+    src = inspect.getsource(checks)
+    assert "_stamp_one_case(0, 1, 8, 3, 0, 5)" not in src  # a hidden case of instructor/hidden.py
+
+
+def test_copies_and_disguised_loops_score_zero(capsys):
+    import inspect
+    import types
+
+    from mesa_lib import triggers
+    from mesa_lib.detect import anomaly_index_of_top
+    from mesa_lib.evaluate import asr_per_trigger
+
+    ns = dict(vars(triggers))
+    exec(inspect.getsource(triggers.stamp), ns)  # noqa: S102 - the bypass under test
+    assert_score(check_stamp, ns["stamp"], capsys, 0, "reference implementation")
+    copied = types.FunctionType(canonical_id.__code__, canonical_id.__globals__)
+    assert_score(check_canonical, copied, capsys, 0, "reference implementation")
+    assert_score(check_anomaly_index, anomaly_index_of_top, capsys, 0, "reference implementation")
+    assert_score(check_attack_success, lambda m, i, l, t, tg, g: float(asr_per_trigger(m, i[l != tg], t[None], tg)[0]),
+                 capsys, 0, "reference implementation")
+    assert_score(check_testing_function,
+                 lambda c, s, t: torch.stack(list(map(lambda b: c(s).softmax(1)[b, 2], range(len(s))))),
+                 capsys, 0, "map(")
+    # an own implementation that is not a copy keeps its points
+    assert_score(check_canonical, canon, capsys, 2)
+
+
+def test_mixture_off_by_one_is_named(capsys):
+    def shifted(c, g, gen):
+        n = c.shape[1]
+        comp = torch.multinomial(g / g.sum(), n, replacement=True, generator=gen)
+        return c[(comp + 1) % len(g), torch.arange(n)]
+
+    out = assert_score(check_mixture_sample, shifted, capsys, 1, "off by one")
+    assert "multinomial" not in out

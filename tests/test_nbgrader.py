@@ -77,6 +77,16 @@ FAULTY_POINTS = {"ex-stamp-check": 0, "ex-testing-check": 0, "ex-hinge-check": 0
                  "ex-retrain-check": 0, "ex-asr-check": 0}
 
 
+# patches the checker in the kernel and rebinds every check_* name to a no-op (issue 20)
+CHEAT = ("import mesa_lib.classroom.grading as _g, mesa_lib.classroom.checks as _c\n"
+         "_full = lambda name, fn, cases, **kw: _g.Score(len(cases), len(cases), name, 'Correct!')\n"
+         "_g.grade = _full\n_c.grade = _full\n"
+         + "".join(f"{c} = lambda *a, **k: None\n" for c in (
+             "check_stamp_one", "check_stamp", "check_canonical", "check_testing_function", "check_hinge",
+             "check_gibbs_optimum", "check_valid_mass", "check_mixture_sample", "check_dv_bound",
+             "check_mine_step", "check_anomaly_index", "check_retrain_transform", "check_attack_success")))
+
+
 def _nbgrader(course: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("MPLBACKEND", None)
@@ -108,7 +118,7 @@ class Course:
 def _read_gradebook(course: Path) -> tuple[dict, dict]:
     scores, totals = {}, {}
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
-        for student in ("good", "faulty"):
+        for student in ("good", "faulty", "cheat"):
             nb = gb.find_submission_notebook(NB_NAME, ASSIGNMENT, student)
             scores[student] = {g.name: g.score for g in nb.grades if g.max_score > 0}
             sub = gb.find_submission(ASSIGNMENT, student)
@@ -141,6 +151,11 @@ def _make_course(course: Path) -> Path:
                  if c.metadata.get("nbgrader", {}).get("solution") and c.cell_type == "code"}
     _submit(course, "good", solutions)
     _submit(course, "faulty", {**solutions, **FAULTY})
+    # nothing implemented; the first cell patches the checker and rebinds every check_* name
+    stubs = {gid: next(line for line in src.splitlines() if line.startswith("def ")) +
+             "\n    # YOUR CODE HERE\n    raise NotImplementedError()\n" for gid, src in solutions.items()}
+    first = next(iter(solutions))
+    _submit(course, "cheat", {**stubs, first: stubs[first] + CHEAT})
     _nbgrader(course, "autograde", ASSIGNMENT, "--create", "--force")
     return course
 
@@ -194,3 +209,10 @@ def test_feedback_names_the_mistakes(course):
     assert "TRUE label" in out["ex-asr-check"]
     assert re.search(r"f = beta", out["ex-mass-check"])
     json.dumps(out)  # plain text, nothing else
+
+
+def test_patched_checker_and_rebound_checks_score_zero(course):
+    """The hidden tests grade in the isolated grader: what the notebook patched or rebound in its
+    kernel does not reach it (before issue 20 this submission got full marks)."""
+    score, max_score = course.totals["cheat"]
+    assert max_score >= 30 and score == 0, course.scores["cheat"]

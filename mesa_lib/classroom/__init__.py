@@ -12,7 +12,8 @@ In the assignment notebook (book/10_exercises.ipynb)::
         ...
 
     check_stamp(my_stamp)               # a public example, with feedback
-    check_stamp(my_stamp, hidden=True)  # the graded cases (hidden from students by nbgrader)
+    # the graded cases: nbgrader's hidden tests run them in the isolated grader
+    # (instructor/grader.py, not part of the installed package), a fresh process per item
 
 The same checkers back the checked exercises at the end of chapters 2-9 (sphinx-exercise
 blocks with hidden solutions; a ``remove-input`` cell runs each model solution through its
@@ -38,6 +39,7 @@ from .checks import (  # noqa: F401
     check_stamp_one,
     check_testing_function,
     check_valid_mass,
+    grade_isolated,
     paste_at_random,
 )
 from .grading import Score, summary  # noqa: F401

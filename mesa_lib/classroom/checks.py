@@ -4,28 +4,31 @@ Every ``check_*(fn, hidden=False)`` runs the student's ``fn`` on test cases, pri
 wrong in words a student can act on ("you modified the input in place", "rows and columns are
 swapped", "overflows for large T", ...), and returns a :class:`~mesa_lib.classroom.grading.Score`
 (a float: the points). ``hidden=False`` runs one public example (what the student sees while
-working); ``hidden=True`` runs the graded cases, one point each, with other seeds and shapes.
+working). The graded cases (one point each, other seeds and shapes) are NOT part of this
+package: they are the instructor's source (``instructor/hidden.py`` in the book's repository),
+which ``hidden=True`` runs where it is present and the isolated grader (``instructor/grader.py``)
+runs for grades; in an installed package ``hidden=True`` runs nothing and reveals nothing.
 A function that *is*, or calls, the library's reference for the item scores zero; items
 marked "no loops" score zero when the source holds a Python loop or comprehension. See
 :mod:`mesa_lib.classroom.grading` for how.
 
 ==========================  ======  =====================================================
-checker                     points  reference
+checker                     points  forbidden (the library's function, or the checker's own)
 ==========================  ======  =====================================================
-check_stamp_one             2       :func:`reference_stamp_one`, :func:`mesa_lib.triggers.stamp`
+check_stamp_one             2       :func:`_expect_stamp_one`, :func:`mesa_lib.triggers.stamp`
 check_stamp                 3       :func:`mesa_lib.triggers.stamp` (no loops, no host syncs,
                                     runs on any device)
 check_canonical             2       :func:`mesa_lib.triggers.canonical_id`
-check_testing_function      2       :func:`reference_testing_function` (no loops)
-check_hinge                 3       :func:`reference_hinge_loss` (the hinge of ``train_staircase``)
-check_gibbs_optimum         3       :func:`reference_gibbs_optimum`
-check_valid_mass            2       :func:`reference_valid_mass`
-check_mixture_sample        3       :func:`reference_mixture_sample` (no loops)
+check_testing_function      2       :func:`_expect_testing_function` (no loops)
+check_hinge                 3       :func:`_expect_hinge_loss` (the hinge of ``train_staircase``)
+check_gibbs_optimum         3       :func:`_expect_gibbs_optimum`
+check_valid_mass            2       :func:`_expect_valid_mass`
+check_mixture_sample        3       :func:`_expect_mixture_sample` (no loops)
 check_dv_bound              3       :func:`mesa_lib.mine.dv_bound`
-check_mine_step             3       :func:`reference_mine_step`
-check_anomaly_index         3       :func:`reference_anomaly_index` (``scan_classes``' rule)
+check_mine_step             3       :func:`_expect_mine_step`
+check_anomaly_index         3       :func:`_expect_anomaly_index` (``scan_classes``' rule)
 check_retrain_transform     3       :func:`mesa_lib.defense.stamp_transform`
-check_attack_success        2       :func:`reference_attack_success`
+check_attack_success        2       :func:`_expect_attack_success`
 check_sign_test             4       :func:`mesa_lib.sweep.sign_test` (chapter 9's exercise)
 check_bootstrap_ci          3       :func:`mesa_lib.sweep.bootstrap_ci` (chapter 9's exercise)
 ==========================  ======  =====================================================
@@ -47,9 +50,10 @@ import torch
 import torch.nn as nn
 
 from .. import devicecheck
+from ..common import seeded
 from .. import evaluate as _evaluate
 from ..defense import retrain, stamp_transform
-from ..detect import scan_classes
+from ..detect import anomaly_index_of_top, scan_classes
 from ..mesa import StaircaseSampler, _target_softmax, target_probability
 from ..mine import MINE, StatisticsNetwork, dv_bound, log_mean_exp, train_mine
 from ..sweep import bootstrap_ci, sign_test
@@ -64,10 +68,7 @@ __all__ = [
     "check_stamp_one", "check_stamp", "check_canonical", "check_testing_function", "check_hinge",
     "check_dv_bound", "check_mine_step", "check_mixture_sample", "check_gibbs_optimum", "check_valid_mass",
     "check_anomaly_index", "check_retrain_transform", "check_attack_success", "check_sign_test",
-    "check_bootstrap_ci",
-    "reference_stamp_one", "reference_testing_function", "reference_hinge_loss", "reference_mine_step",
-    "reference_mixture_sample", "reference_gibbs_optimum", "reference_valid_mass", "reference_anomaly_index",
-    "reference_attack_success", "reference_sign_test",
+    "check_bootstrap_ci", "grade_isolated"
 ]
 
 CORRECT = "Correct!"
@@ -80,14 +81,70 @@ def paste_at_random(images: torch.Tensor, triggers: torch.Tensor, generator: tor
     return stamp(images, triggers, None, generator)
 
 
-def _run(name: str, fn: Any, public: list, hidden_cases: list, hidden: bool, **kw) -> Score:
-    if hidden:
-        return grade(name, fn, hidden_cases, **kw)
-    return grade(f"{name} (public example)", fn, public, **kw)
+_INSTRUCTOR = "instructor"
+"""The folder of the instructor's source (next to ``mesa_lib`` in a checkout of the book's
+repository, absent from an installed package) that holds the graded cases."""
+
+
+def _hidden_cases(name: str) -> list | None:
+    """The graded cases of item ``name`` from the instructor's source, or None where it is absent
+    (an installed package: the graded cases are not part of it)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    mod = sys.modules.get(f"{_INSTRUCTOR}.hidden")
+    if mod is None:
+        path = Path(__file__).resolve().parents[2] / _INSTRUCTOR / "hidden.py"
+        if not path.is_file():
+            return None
+        spec = importlib.util.spec_from_file_location(f"{_INSTRUCTOR}.hidden", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return mod.hidden_cases(name)
+
+
+def grade_isolated(grade_id: str, notebook: str = "10_exercises.ipynb") -> float:
+    """For the hidden test cells of the instructor's source notebook (nbgrader autograde, the
+    book's build): grade item ``grade_id`` of ``notebook`` (in the current folder) with the
+    isolated grader, ``instructor/grader.py``, loaded afresh from the instructor's source, in a
+    fresh process; print the feedback and return the points (nbgrader's partial credit). Raises
+    (the cell fails: 0 points) where the grader is absent, as in an installed package."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / _INSTRUCTOR / "grader.py"
+    if not path.is_file():
+        raise RuntimeError("the isolated grader (instructor/grader.py) is not installed here: the graded "
+                           "cases run on the instructor's machine")
+    global _ISOLATED
+    if _ISOLATED is None:  # once per kernel: its grader keeps one zygote for the notebook's items
+        spec = importlib.util.spec_from_file_location("_mesa_isolated_grader", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        _ISOLATED = mod
+    return _ISOLATED.item(grade_id, notebook)
+
+
+_ISOLATED: Any = None
+
+
+def _run(name: str, fn: Any, public: list, hidden: bool, **kw) -> Score:
+    if not hidden:
+        return grade(f"{name} (public example)", fn, public, **kw)
+    cases = _hidden_cases(name)
+    if cases is None:
+        text = (f"{name}: the graded cases are not part of the installed package (your instructor runs them "
+                "in an isolated grader); nothing was run. The public example, check_...(fn), is yours to use.")
+        print(text)
+        return Score(0.0, POINTS.get(name, 0), name, text)
+    return grade(name, fn, cases, **kw)
 
 
 # =========================================================================== 1. stamp one image
-def reference_stamp_one(image: torch.Tensor, trigger: torch.Tensor, row: int, col: int) -> torch.Tensor:
+def _expect_stamp_one(image: torch.Tensor, trigger: torch.Tensor, row: int, col: int) -> torch.Tensor:
     """Paste ``trigger [C, p, p]`` on ``image [C, H, W]`` with its top-left corner at ``(row, col)``."""
     p = trigger.shape[-1]
     out = image.clone()
@@ -106,12 +163,12 @@ def _stamp_one_case(seed: int, C: int, H: int, p: int, row: int, col: int) -> Ca
             raise Wrong("you modified the input image in place; work on a copy (image.clone())")
         if out.shape != image.shape:
             raise Wrong(f"wrong shape: expected {tuple(image.shape)} (same as the image), got {tuple(out.shape)}")
-        want = reference_stamp_one(image, trigger, row, col)
+        want = _expect_stamp_one(image, trigger, row, col)
         if torch.equal(out, want):
             return
-        if row != col and torch.equal(out, reference_stamp_one(image, trigger, col, row)):
+        if row != col and torch.equal(out, _expect_stamp_one(image, trigger, col, row)):
             raise Wrong("rows and columns are swapped: `row` indexes dimension 1 (height), `col` dimension 2 (width)")
-        if torch.equal(out, reference_stamp_one(image, trigger.transpose(-1, -2), row, col)):
+        if torch.equal(out, _expect_stamp_one(image, trigger.transpose(-1, -2), row, col)):
             raise Wrong("the trigger is pasted transposed: trigger pixel [i, j] goes to image pixel "
                         "[row + i, col + j]")
         patch = want != image
@@ -129,8 +186,7 @@ def check_stamp_one(fn: Callable, hidden: bool = False) -> Score:
     """``fn(image [C,H,W], trigger [C,p,p], row, col) -> new image`` with the trigger pasted."""
     return _run("stamp one image", fn,
                 [_stamp_one_case(100, 1, 6, 3, 1, 2)],
-                [_stamp_one_case(0, 1, 8, 3, 0, 5), _stamp_one_case(1, 3, 10, 2, 7, 2)],
-                hidden, forbidden=[stamp, reference_stamp_one])
+                hidden, forbidden=[stamp, _expect_stamp_one])
 
 
 # =========================================================================== 2. batched stamping
@@ -214,8 +270,7 @@ def check_stamp(fn: Callable, hidden: bool = False) -> Score:
     loops, no host syncs, differentiable in the triggers, runs on the images' device."""
     return _run("batched stamping", fn,
                 [_stamp_case(100, 2, 1, 6, 3)],
-                [_stamp_case(0, 4, 1, 8, 3), _stamp_case(1, 3, 3, 10, 3), _stamp_case(2, 5, 1, 7, 2, on_meta=True)],
-                hidden, forbidden=[stamp, paste_at_random, reference_stamp_one], no_loops=True, no_syncs=True)
+                hidden, forbidden=[stamp, paste_at_random, _expect_stamp_one], no_loops=True, no_syncs=True)
 
 
 # =========================================================================== 3. the 51 patterns
@@ -288,12 +343,11 @@ def check_canonical(fn: Callable, hidden: bool = False) -> Score:
     rotations, mirror flip and colour inversion; 512 patterns -> 51 classes."""
     return _run("51 patterns", fn,
                 [_canonical_case(range(0, 16), False)],
-                [_canonical_case(range(NUM_PATTERNS), True), _canonical_case(range(300, 512, 3), False)],
                 hidden, forbidden=[canonical_id, symmetry_class, _symmetries])
 
 
 # =========================================================================== 4. testing function
-def reference_testing_function(classifier: nn.Module, stamped: torch.Tensor, targets: torch.Tensor | int
+def _expect_testing_function(classifier: nn.Module, stamped: torch.Tensor, targets: torch.Tensor | int
                                ) -> torch.Tensor:
     """``f`` per sample: the softmax probability of its own target class."""
     probs = classifier(stamped).softmax(1)
@@ -302,8 +356,8 @@ def reference_testing_function(classifier: nn.Module, stamped: torch.Tensor, tar
 
 
 def _classifier(seed: int, d: int, k: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, k)).eval()
+    with seeded(seed):  # the caller's (the student's) global random stream stays as it was
+        return nn.Sequential(nn.Flatten(), nn.Linear(d, k)).eval()
 
 
 def _testing_case(seed: int, B: int, K: int, per_sample: bool) -> Callable:
@@ -314,7 +368,7 @@ def _testing_case(seed: int, B: int, K: int, per_sample: bool) -> Callable:
         targets = torch.randint(0, K, (B,), generator=g) if per_sample else 2
         out = tensor(call(fn, model, x, targets), "f")
         with torch.no_grad():
-            want = reference_testing_function(model, x, targets)
+            want = _expect_testing_function(model, x, targets)
             logits = model(x)
         if out.shape != (B,):
             raise Wrong(f"return one value per sample, shape ({B},); got {tuple(out.shape)}")
@@ -343,12 +397,11 @@ def check_testing_function(fn: Callable, hidden: bool = False) -> Score:
     """``fn(classifier, stamped [B,C,H,W], targets int or [B]) -> f [B]``, no loops."""
     return _run("testing function f", fn,
                 [_testing_case(100, 6, 4, False)],
-                [_testing_case(0, 32, 10, False), _testing_case(1, 48, 10, True)],
-                hidden, forbidden=[target_probability, _target_softmax, reference_testing_function], no_loops=True)
+                hidden, forbidden=[target_probability, _target_softmax, _expect_testing_function], no_loops=True)
 
 
 # =========================================================================== 5. the hinge
-def reference_hinge_loss(f: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+def _expect_hinge_loss(f: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
     """The hinge term of a MESA sub-model's loss, ``-mean(min(f, beta))``.
 
     It is the line ``hinge = torch.minimum(f, beta_per)...mean(1)`` of
@@ -368,7 +421,7 @@ def _hinge_case(seed: int, n: int, beta: Any) -> Callable:
         if not torch.equal(f.detach(), f0):
             raise Wrong("you modified f in place (e.g. f.clamp_ or f[...] = ...); "
                         "use out-of-place operations such as torch.minimum")
-        want = reference_hinge_loss(f0, b_arg)
+        want = _expect_hinge_loss(f0, b_arg)
         got = out.detach()
         bt = torch.as_tensor(b_arg)
         if torch.allclose(got, want, atol=1e-6):
@@ -410,8 +463,7 @@ def check_hinge(fn: Callable, hidden: bool = False) -> Score:
     """``fn(f [B], beta) -> -mean(min(f, beta))``; ``beta`` a float or a ``[B]`` tensor."""
     return _run("hinge", fn,
                 [_hinge_case(100, 16, 0.7)],
-                [_hinge_case(1, 64, 0.8), _hinge_case(2, 50, 0.5), _hinge_case(3, 66, _per_sample_betas)],
-                hidden, forbidden=[reference_hinge_loss])
+                hidden, forbidden=[_expect_hinge_loss])
 
 
 # =========================================================================== 6. the DV bound
@@ -465,6 +517,8 @@ def _dv_extreme_case(seed: int, n: int, shift: float) -> Callable:
             raise Wrong(f"overflows for {word} T (T ~ {shift:+.0f} gives {big.flatten()[0].item()}): "
                         "exp(T) is not representable; compute log(mean(exp(t))) as "
                         "torch.logsumexp(t, 0) - log(n)")
+        if big.shape == ref.shape and torch.allclose(big, ref - math.log(n), atol=1e-3):
+            return  # stable, but off by log(n): the values case takes the point for that, not this one
         if big.shape != ref.shape or not torch.allclose(big, ref, atol=1e-3):
             raise Wrong(f"inaccurate for {word} T (T ~ {shift:+.0f}): expected {ref.item():.4f}, "
                         f"got {big.flatten()[0].item():.4f}; use torch.logsumexp")
@@ -476,12 +530,11 @@ def check_dv_bound(fn: Callable, hidden: bool = False) -> Score:
     """``fn(t_joint [n], t_marginal [n]) -> mean(t_joint) - log(mean(exp(t_marginal)))``, stable."""
     return _run("DV bound", fn,
                 [_dv_values_case(100, 20)],
-                [_dv_values_case(2, 50), _dv_extreme_case(3, 40, 1000.0), _dv_extreme_case(4, 40, -1000.0)],
                 hidden, forbidden=[dv_bound, log_mean_exp])
 
 
 # =========================================================================== 7. a MINE step
-def reference_mine_step(T: nn.Module, optimizer: torch.optim.Optimizer, z: torch.Tensor, x: torch.Tensor,
+def _expect_mine_step(T: nn.Module, optimizer: torch.optim.Optimizer, z: torch.Tensor, x: torch.Tensor,
                         z_marginal: torch.Tensor) -> torch.Tensor:
     """One ascent step of the statistics network on the DV bound; returns the bound before the step.
 
@@ -501,8 +554,8 @@ def _params(m: nn.Module) -> torch.Tensor:
 
 def _mine_case(seed: int, zd: int, xd: int, n: int) -> Callable:
     def case(fn: Callable) -> None:
-        torch.manual_seed(seed)
-        T = StatisticsNetwork(zd, xd, hidden=16)
+        with seeded(seed):  # the caller's global random stream stays as it was
+            T = StatisticsNetwork(zd, xd, hidden=16)
         g = torch.Generator().manual_seed(seed)
         z = torch.rand(n, zd, generator=g)
         x = (z[:, :1].repeat(1, xd) + 0.3 * torch.randn(n, xd, generator=g)).requires_grad_(True)
@@ -562,12 +615,11 @@ def check_mine_step(fn: Callable, hidden: bool = False) -> Score:
     """``fn(T, optimizer, z, x, z_marginal) -> bound``: one ascent step of T on the DV bound."""
     return _run("MINE training step", fn,
                 [_mine_case(100, 2, 3, 16)],
-                [_mine_case(0, 4, 9, 32), _mine_case(1, 2, 2, 64), _mine_case(2, 8, 27, 16)],
-                hidden, forbidden=[MINE.forward, train_mine, reference_mine_step])
+                hidden, forbidden=[MINE.forward, train_mine, _expect_mine_step])
 
 
 # =========================================================================== 8. the mixture sampler
-def reference_mixture_sample(candidates: torch.Tensor, gammas: torch.Tensor,
+def _expect_mixture_sample(candidates: torch.Tensor, gammas: torch.Tensor,
                              generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample ``j`` is ``candidates[c_j, j]`` with ``c_j ~ gammas / gammas.sum()``: no loops."""
     N, n = candidates.shape[:2]
@@ -599,6 +651,11 @@ def _mixture_case(seed: int, gammas: list[float], n: int = 6000) -> Callable:
             raise Wrong("a step with weight gamma_i = 0 was sampled; it must never be")
         sd = (p * (1 - p) / n).sqrt()
         if bool(((freq - p).abs() > 5 * sd + 1e-3).any()):
+            for shift in (1, -1):
+                if bool(((freq - p.roll(shift)).abs() <= 5 * sd.roll(shift) + 1e-3).all()) and not torch.allclose(
+                        p, p.roll(shift)):
+                    raise Wrong("the steps are off by one: the frequencies are the weights shifted by one step; "
+                                "sample j is candidates[c_j, j] with c_j the drawn index itself (no + 1 or - 1)")
             if freq.max() == 1.0:
                 raise Wrong("every sample came from the same step; draw one step per sample with probability "
                             "gamma_i (torch.multinomial)")
@@ -619,20 +676,19 @@ def check_mixture_sample(fn: Callable, hidden: bool = False) -> Score:
     """``fn(candidates [N, n, *shape], gammas [N], generator) -> [n, *shape]``, no loops."""
     return _run("staircase mixture sampler", fn,
                 [_mixture_case(100, [1.0, 1.0])],
-                [_mixture_case(0, [1.0, 1.0, 1.0]), _mixture_case(1, [0.2, 0.3, 0.5]), _mixture_case(2, [2.0, 0.0, 1.0])],
-                hidden, forbidden=[StaircaseSampler.sample, reference_mixture_sample], no_loops=True)
+                hidden, forbidden=[StaircaseSampler.sample, _expect_mixture_sample], no_loops=True)
 
 
 # =========================================================================== 9-10. the Gibbs optimum on the toy
-def reference_gibbs_optimum(f: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+def _expect_gibbs_optimum(f: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
     """The maximiser of ``E_p[min(f, beta)] + alpha * H(p)`` over distributions on the grid:
     ``p* ∝ exp(min(f, beta) / alpha)`` (a softmax, so no overflow for small alpha)."""
     return torch.softmax(torch.clamp(f, max=beta) / alpha, dim=0)
 
 
-def reference_valid_mass(f: torch.Tensor, beta: float, alpha: float) -> float:
+def _expect_valid_mass(f: torch.Tensor, beta: float, alpha: float) -> float:
     """The mass ``p*(X_beta)`` that the Gibbs optimum puts on ``f > beta``."""
-    return float(reference_gibbs_optimum(f, beta, alpha)[f > beta].sum())
+    return float(_expect_gibbs_optimum(f, beta, alpha)[f > beta].sum())
 
 
 def _toy_f(n: int) -> torch.Tensor:
@@ -649,7 +705,7 @@ def _gibbs_case(f_maker: Callable[[], torch.Tensor], beta: float, alpha: float) 
         if out.shape != f.shape:
             raise Wrong(f"return one probability per grid cell, shape {tuple(f.shape)}; got {tuple(out.shape)}")
         o = out.detach().double()
-        want = reference_gibbs_optimum(f, beta, alpha)
+        want = _expect_gibbs_optimum(f, beta, alpha)
         if not torch.isfinite(o).all():
             raise Wrong(f"non-finite values for alpha = {alpha}: exp(min(f, beta) / alpha) overflows; "
                         "subtract the maximum first, or use torch.softmax")
@@ -679,9 +735,7 @@ def check_gibbs_optimum(fn: Callable, hidden: bool = False) -> Score:
     """``fn(f [M], beta, alpha) -> p* [M]``, ``p* ∝ exp(min(f, beta) / alpha)``, stable for small alpha."""
     return _run("Gibbs optimum", fn,
                 [_gibbs_case(_random_f(100, 10), 0.6, 0.5)],
-                [_gibbs_case(lambda: _toy_f(30), 0.8, 0.1), _gibbs_case(_random_f(1, 400), 0.5, 0.02),
-                 _gibbs_case(lambda: _toy_f(30), 0.9, 1e-3)],
-                hidden, forbidden=[reference_gibbs_optimum])
+                hidden, forbidden=[_expect_gibbs_optimum])
 
 
 def _mass_case(f_maker: Callable[[], torch.Tensor], beta: float, alpha: float) -> Callable:
@@ -694,10 +748,10 @@ def _mass_case(f_maker: Callable[[], torch.Tensor], beta: float, alpha: float) -
             out = out.item()
         if not isinstance(out, (int, float)) or isinstance(out, bool):
             raise Wrong(f"return a number, got {type(out).__name__}")
-        want = reference_valid_mass(f, beta, alpha)
+        want = _expect_valid_mass(f, beta, alpha)
         if math.isclose(out, want, abs_tol=1e-6):
             return
-        p = reference_gibbs_optimum(f, beta, alpha)
+        p = _expect_gibbs_optimum(f, beta, alpha)
         if math.isclose(out, float(p[f >= beta].sum()), abs_tol=1e-6):
             raise Wrong("you counted the cells with f = beta; the valid set is f > beta (strictly)")
         if math.isclose(out, 1 - want, abs_tol=1e-6):
@@ -724,12 +778,11 @@ def check_valid_mass(fn: Callable, hidden: bool = False) -> Score:
     """``fn(f [M], beta, alpha) -> float``: the mass of ``p*`` inside ``X_beta = {f > beta}``."""
     return _run("mass inside X_beta", fn,
                 [_mass_case(_random_f(100, 12), 0.5, 0.3)],
-                [_mass_case(lambda: _toy_f(30), 0.8, 0.05), _mass_case(_f_with_ties(1), 0.5, 0.1)],
-                hidden, forbidden=[reference_valid_mass, reference_gibbs_optimum])
+                hidden, forbidden=[_expect_valid_mass, _expect_gibbs_optimum])
 
 
 # =========================================================================== 11. the target scan
-def reference_anomaly_index(asr: torch.Tensor) -> tuple[int, float]:
+def _expect_anomaly_index(asr: torch.Tensor) -> tuple[int, float]:
     """The detected class and its anomaly index, as :func:`mesa_lib.detect.scan_classes` computes
     them: ``(asr[top] - median) / max(1.4826 * MAD, 1e-3)``, MAD the median absolute deviation,
     a median of an even count the mean of its two middle values."""
@@ -753,7 +806,7 @@ def _anomaly_case(values: list[float]) -> Callable:
             raise Wrong(f"the class must be an int, got {type(top).__name__}")
         if not isinstance(idx, (int, float)):
             raise Wrong(f"the anomaly index must be a number, got {type(idx).__name__}")
-        want_top, want = reference_anomaly_index(asr)
+        want_top, want = _expect_anomaly_index(asr)
         if top != want_top:
             if top == int(asr.argmin()):
                 raise Wrong("you picked the class with the LOWEST ASR; the suspect is the highest")
@@ -787,10 +840,7 @@ def check_anomaly_index(fn: Callable, hidden: bool = False) -> Score:
     """``fn(asr [K]) -> (class, anomaly index)`` with the median / MAD rule of the target scan."""
     return _run("target scan", fn,
                 [_anomaly_case([0.02, 0.05, 0.9, 0.03, 0.04])],
-                [_anomaly_case([0.91, 0.04, 0.02, 0.06, 0.03, 0.05, 0.01, 0.08, 0.02, 0.04]),
-                 _anomaly_case([0.12, 0.08, 0.15, 0.11, 0.09, 0.1, 0.13, 0.07, 0.1, 0.14]),
-                 _anomaly_case([0.01] * 6 + [0.95] + [0.01] * 3)],
-                hidden, forbidden=[scan_classes, reference_anomaly_index])
+                hidden, forbidden=[scan_classes, anomaly_index_of_top, _expect_anomaly_index])
 
 
 # =========================================================================== 12. retraining transform
@@ -850,7 +900,6 @@ def check_retrain_transform(fn: Callable, hidden: bool = False) -> Score:
     labels stay; the inputs are not modified. Reference: :func:`mesa_lib.defense.stamp_transform`."""
     return _run("retraining transform", fn,
                 [_retrain_case((0.2,), seed=100)],
-                [_retrain_case((0.1, 0.0)), _retrain_case((0.01,), seed=6), _retrain_case((0.5,), True, seed=7)],
                 hidden, forbidden=[stamp_transform, retrain])
 
 
@@ -874,7 +923,7 @@ class _RuleModel(nn.Module):
         return nn.functional.one_hot(cls, self.K).float() * 10 + 0 * self.dummy
 
 
-def reference_attack_success(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def _expect_attack_success(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                              trigger: torch.Tensor, target: int, generator: torch.Generator | None = None) -> float:
     """ASR: the fraction of the images whose TRUE label is not ``target`` that the model
     classifies as ``target`` once ``trigger`` is pasted at a random location."""
@@ -901,7 +950,7 @@ def _asr_case(seed: int, K: int, target: int, cut: float, n: int = 200) -> Calla
             out = out.item()
         if not isinstance(out, (int, float)) or isinstance(out, bool):
             raise Wrong(f"return a number (a fraction), got {type(out).__name__}")
-        want = reference_attack_success(model, images, labels, trigger, target)
+        want = _expect_attack_success(model, images, labels, trigger, target)
         if math.isclose(out, want, abs_tol=1e-6):
             return
         with torch.no_grad():
@@ -929,8 +978,8 @@ def check_attack_success(fn: Callable, hidden: bool = False) -> Score:
     """``fn(model, images, labels, trigger, target, generator) -> ASR``, on the non-target images."""
     return _run("attack success rate", fn,
                 [_asr_case(100, 4, 0, 0.3, n=40)],
-                [_asr_case(0, 5, 0, 0.3), _asr_case(1, 10, 7, 0.5)],
-                hidden, forbidden=[_evaluate.attack_success_rate, _evaluate.evaluate_model, reference_attack_success])
+                hidden, forbidden=[_evaluate.attack_success_rate, _evaluate.asr_per_trigger, _evaluate.evaluate_model,
+                                    _expect_attack_success])
 
 
 # =========================================================================== 14. the sign test (chapter 9)
@@ -941,7 +990,7 @@ def _binom_tail(m: int, k: int) -> float:
     return sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
 
 
-def reference_sign_test(a: list[float], b: list[float]) -> float:
+def _expect_sign_test(a: list[float], b: list[float]) -> float:
     """The exact two-sided p-value of the paired sign test: tied pairs dropped; of the ``m``
     untied pairs ``k = min(#a<b, #a>b)``; ``p = min(1, 2 P(X <= k))``, ``X ~ Binomial(m, 1/2)``;
     ``p = 1`` when every pair is tied. The ``"p"`` of :func:`mesa_lib.sweep.sign_test`."""
@@ -1048,9 +1097,7 @@ def check_sign_test(fn: Callable, hidden: bool = False) -> Score:
     lists (ties dropped; ``p = 1`` when all pairs tie). Reference: :func:`mesa_lib.sweep.sign_test`."""
     return _run("sign test", fn,
                 [_sign_case(100, 6, 2, 1)],
-                [_sign_case(0, 3, 14, 4), _sign_case(1, 11, 2, 2), _sign_case(2, 6, 6, 3, all_tied=True),
-                 _sign_case(3, 520, 590, 30)],
-                hidden, forbidden=[sign_test, reference_sign_test])
+                hidden, forbidden=[sign_test, _expect_sign_test])
 
 
 # =========================================================================== 15. the bootstrap (chapter 9)
@@ -1155,8 +1202,6 @@ def check_bootstrap_ci(fn: Callable, hidden: bool = False) -> Score:
     Carlo error of ``n`` resamples count as equal."""
     return _run("bootstrap interval", fn,
                 [_boot_case(_boot_values(100, 20), 0.95, seed=100)],
-                [_boot_case(_SKEWED, 0.95, seed=1), _boot_case(_boot_values(2, 51), 0.9, seed=2, repeat=True),
-                 _boot_case(_SKEWED, 0.8, seed=3, constant=True)],
                 hidden, forbidden=[bootstrap_ci])
 
 

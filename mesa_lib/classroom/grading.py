@@ -6,14 +6,17 @@ line of an autograded cell as partial credit) that also carries the maximum and 
 feedback. Before the cases run, it rejects, with zero points and a message:
 
 * the library's reference implementation handed in as the answer (``my_stamp = stamp``):
-  the function object, its code object, or a function that *calls* the reference. The last
+  the function object, its code object, a copy of its code (a new function from its code
+  object, or an ``exec`` of its source: the same instructions, global names and constants),
+  or a function that *calls* the reference. The last
   is found by a trip wire: while the student's function runs, the ``__code__`` of every
   forbidden reference is swapped for one that raises :class:`ReferenceUsed` (a
   ``BaseException``, so a student's ``except Exception`` does not swallow it), however the
   student imported it;
 * Python loops where the item forbids them: the source of the function (and of the helper
   functions it calls that were defined in the same notebook) is parsed, and any ``for``,
-  ``while`` or comprehension is reported with its line;
+  ``while``, comprehension, or call of ``map``, ``filter``, ``reduce``, ``exec`` or ``eval``
+  is reported with its line (a loop by recursion or in an imported helper is not detected);
 * host synchronisations (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``) where the item
   asks for code that would run on a GPU without stalling.
 
@@ -213,6 +216,11 @@ def _walk_functions(fn: Callable) -> Iterable[tuple[Callable, ast.AST | None]]:
         todo.extend(_own_helpers(f))
 
 
+_LOOP_CALLS = {"map": "a `map(...)` (a loop in disguise)", "filter": "a `filter(...)` (a loop in disguise)",
+               "reduce": "a `reduce(...)` (a loop in disguise)", "starmap": "a `starmap(...)` (a loop in disguise)",
+               "exec": "an `exec(...)` (code the rule cannot read)", "eval": "an `eval(...)` (code the rule cannot read)"}
+
+
 def loops_in(fn: Callable) -> list[str]:
     """Python loops in ``fn`` and its same-module helpers, as readable strings ('line 4: a `for` loop')."""
     found = []
@@ -224,6 +232,10 @@ def loops_in(fn: Callable) -> list[str]:
             for kind, words in _LOOPS.items():
                 if isinstance(node, kind):
                     found.append(f"line {node.lineno}{where}: {words}")
+            if isinstance(node, ast.Call):
+                called = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                if called in _LOOP_CALLS:
+                    found.append(f"line {node.lineno}{where}: {_LOOP_CALLS[called]}")
     return found
 
 
@@ -240,8 +252,29 @@ def syncs_in(fn: Callable) -> list[str]:
 
 
 # --------------------------------------------------------------------------- grading
+def _code_key(code: types.CodeType) -> tuple:
+    """What a copy of a function's code keeps whatever it is called: the number of instructions
+    and, in order, the global names, attributes and constants it uses (nested functions by their
+    own key; local names may be renamed; the docstring and line numbers may differ)."""
+    import dis
+
+    used: list = []
+    n = 0
+    for ins in dis.get_instructions(code):
+        n += 1
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD", "STORE_ATTR", "IMPORT_NAME", "IMPORT_FROM"):
+            used.append(str(ins.argval))
+        elif ins.opname == "LOAD_CONST":
+            k = ins.argval
+            used.append(_code_key(k) if isinstance(k, types.CodeType) else repr(k))
+    return code.co_argcount, n, tuple(used)
+
+
 def _is_reference(fn: Callable, forbidden: Sequence[Callable]) -> Callable | None:
+    """The forbidden function ``fn`` is (the object, a wrapper, or a copy of its code: a new
+    function from its ``__code__``, or an ``exec`` of its source), or None."""
     code = getattr(fn, "__code__", None)
+    key = _code_key(code) if isinstance(code, types.CodeType) else None
     target = getattr(fn, "__func__", fn)  # bound methods
     for ref in forbidden:
         inner = ref
@@ -249,6 +282,15 @@ def _is_reference(fn: Callable, forbidden: Sequence[Callable]) -> Callable | Non
             inner = inner.__wrapped__
         if target is ref or target is inner or (code is not None and code is inner.__code__) \
                 or getattr(fn, "__wrapped__", None) in (ref, inner):
+            return ref
+    for ref in forbidden:
+        inner = ref
+        while hasattr(inner, "__wrapped__"):
+            inner = inner.__wrapped__
+        ref_code = getattr(inner, "__code__", None)
+        if str(getattr(inner, "__module__", "")).startswith("mesa_lib.classroom"):
+            continue  # the checker's own expected values: the formula a student may well write alike
+        if key is not None and isinstance(ref_code, types.CodeType) and _code_key(ref_code) == key:
             return ref
     return None
 
