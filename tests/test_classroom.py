@@ -626,8 +626,10 @@ def test_hidden_cases_are_not_in_the_package(monkeypatch, capsys):
     so; the package names no graded case and exports no reference."""
     import inspect
 
+    assert checks.hidden_cases_available()  # this checkout has instructor/ next to mesa_lib
     monkeypatch.setattr(checks, "_INSTRUCTOR", "no_such_instructor_folder")
     monkeypatch.delitem(__import__("sys").modules, "no_such_instructor_folder.hidden", raising=False)
+    assert not cr.hidden_cases_available()  # the book's model-solution cells then skip the hidden cases
     score = check_stamp_one(lambda im, t, r, c: im, hidden=True)
     out = capsys.readouterr().out
     assert float(score) == 0 and score.max_points == checks.POINTS["stamp one image"]

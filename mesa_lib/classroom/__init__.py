@@ -40,6 +40,7 @@ from .checks import (  # noqa: F401
     check_testing_function,
     check_valid_mass,
     grade_isolated,
+    hidden_cases_available,
     paste_at_random,
 )
 from .grading import Score, summary  # noqa: F401

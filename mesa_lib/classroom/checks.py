@@ -68,7 +68,7 @@ __all__ = [
     "check_stamp_one", "check_stamp", "check_canonical", "check_testing_function", "check_hinge",
     "check_dv_bound", "check_mine_step", "check_mixture_sample", "check_gibbs_optimum", "check_valid_mass",
     "check_anomaly_index", "check_retrain_transform", "check_attack_success", "check_sign_test",
-    "check_bootstrap_ci", "grade_isolated"
+    "check_bootstrap_ci", "grade_isolated", "hidden_cases_available"
 ]
 
 CORRECT = "Correct!"
@@ -86,6 +86,22 @@ _INSTRUCTOR = "instructor"
 repository, absent from an installed package) that holds the graded cases."""
 
 
+def _hidden_path() -> "Path":
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / _INSTRUCTOR / "hidden.py"
+
+
+def hidden_cases_available() -> bool:
+    """True where the instructor's graded cases sit next to the package (a checkout of the book's
+    repository), so that ``check_...(fn, hidden=True)`` runs them; False in an installed package
+    (Colab, pip), where a hidden check runs nothing and scores 0. The book's model-solution cells
+    run the hidden cases only where this is True."""
+    import sys
+
+    return f"{_INSTRUCTOR}.hidden" in sys.modules or _hidden_path().is_file()
+
+
 def _hidden_cases(name: str) -> list | None:
     """The graded cases of item ``name`` from the instructor's source, or None where it is absent
     (an installed package: the graded cases are not part of it)."""
@@ -95,7 +111,7 @@ def _hidden_cases(name: str) -> list | None:
 
     mod = sys.modules.get(f"{_INSTRUCTOR}.hidden")
     if mod is None:
-        path = Path(__file__).resolve().parents[2] / _INSTRUCTOR / "hidden.py"
+        path = _hidden_path()
         if not path.is_file():
             return None
         spec = importlib.util.spec_from_file_location(f"{_INSTRUCTOR}.hidden", path)
