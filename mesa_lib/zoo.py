@@ -45,6 +45,7 @@ find the leak.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -59,6 +60,7 @@ import torch
 import torch.nn as nn
 
 from .attack import check_ratio, poison_transform
+from .common import seeded
 from .data import DatasetSplits, ImageSet, load_dataset
 from .evaluate import attack_success_rate, clean_accuracy
 from .models import build_model, load_weights, save_weights, train_classifier
@@ -79,6 +81,8 @@ __all__ = [
     "grade",
     "leaderboard_line",
     "reference_submission",
+    "output_row_norms",
+    "norm_baseline_submission",
     "write_submission",
 ]
 
@@ -197,8 +201,8 @@ def build_zoo(
     g = torch.Generator().manual_seed(seed + 1)
     base_models = []
     for b in range(bases):
-        torch.manual_seed(_draw(g, 2**31 - 1))
-        m = build_model(preset.model, C, K, S, preset.width).to(dev)
+        with seeded(_draw(g, 2**31 - 1)):  # the initial weights; the caller's random state is kept
+            m = build_model(preset.model, C, K, S, preset.width).to(dev)
         train_classifier(m, splits.train, epochs=preset.clean_epochs, lr=preset.clean_lr,
                          batch_size=preset.batch_size, weight_decay=preset.clean_weight_decay,
                          seed=_draw(g, 2**31 - 1), desc=f"base {b + 1}/{bases}", progress=progress,
@@ -207,8 +211,7 @@ def build_zoo(
 
     models, records = {}, {}
     for i, e in enumerate(plan):
-        m = build_model(preset.model, C, K, S, preset.width).to(dev)
-        m.load_state_dict(base_models[e["base"]].state_dict())
+        m = copy.deepcopy(base_models[e["base"]])  # a copy of its base (no fresh, unseeded initialisation)
         if e["backdoored"]:
             trig = trigger_from_pattern(e["pattern"], C, dark_background=splits.dark_background).to(dev)
             transform = poison_transform(trig, e["target"], preset.poison_ratio)
@@ -497,6 +500,35 @@ def reference_submission(
         if progress:
             print(f"{entry['name']}: top ASR {max(res.per_class_asr):.3f} toward class {res.detected_target}",
                   flush=True)
+    if out is not None:
+        write_submission(rows, out)
+    return rows
+
+
+def output_row_norms(model: nn.Module) -> torch.Tensor:
+    """The L2 norm of each row of a classifier's last linear layer: one number per class."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError("the model has no linear layer; the output-norm baseline needs one")
+    return last[-1].weight.detach().float().norm(dim=1).cpu()
+
+
+def norm_baseline_submission(zoo_dir: str | Path, out: str | Path | None = None) -> list[tuple[str, float, int]]:
+    """The first baseline to beat, which runs no image at all: the weights of each model's
+    output layer.
+
+    A backdoor teaches the model to send a 3x3 patch to one class, and the output row of that
+    class grows: the suspected target is the class with the largest row norm, the score how far
+    it stands out, ``max / median`` of the row norms (:func:`output_row_norms`). Writes the CSV
+    to ``out`` if given; returns the rows. A behaviour-based detector should beat it.
+    """
+    from .common import median
+
+    manifest = load_manifest(zoo_dir)
+    rows = []
+    for entry in manifest["models"]:
+        norms = output_row_norms(load_zoo_model(zoo_dir, entry["name"]))
+        rows.append((entry["name"], float(norms.max() / median(norms)), int(norms.argmax())))
     if out is not None:
         write_submission(rows, out)
     return rows
