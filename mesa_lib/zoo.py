@@ -742,10 +742,9 @@ def run_cli(args) -> None:
             print(leaderboard_line(grade(args.key, args.submission), args.name))
     elif args.command == "zoo-reference":
         load_manifest(args.zoo)  # a zoo folder, before anything is scanned
-        out = Path(args.out)
+        out = check_writable(args.out)  # a folder, an unwritable place: refused here
         if out.exists() or out.is_symlink():
             raise ValueError(f"--out {out} already exists; submissions are never overwritten, choose another --out")
-        check_writable(out)
         t = time.perf_counter()
         reference_submission(args.zoo, args.out, steps=args.steps, seed=args.seed, device=args.device,
                              root=args.data_root, progress=not args.quiet)
