@@ -38,8 +38,9 @@ further from its base than its clean siblings, although both had the same number
 (``--bases 4``) the distance of a model to the mean of its family alone gave AUROC 1.0, and
 on the book's 4-model zoo (one base) the backdoored models lie 1.5-1.7 from the mean, the
 clean ones 0.94-0.95. With one base per model there are no siblings to compare with; a base
-costs about as much as a fine-tune, so this default costs about 1.7 times the shared-base
-build. The capstone chapter shares one base on purpose (to be quick) and asks students to
+costs about as much as a fine-tune, so this default costs more: 14.2 CPU-minutes for 20
+models with the defaults, 2.2 times the 4-shared-base build (measured once on 2 shared
+CPU cores, ``bench/results/zoo_build_cpu.json``; ``bench/bench_zoo_build.py`` remeasures). The capstone chapter shares one base on purpose (to be quick) and asks students to
 find the leak.
 """
 
@@ -692,7 +693,8 @@ def add_cli(sub) -> None:
     z.add_argument("--preset", type=_preset_name, default="fast")
     z.add_argument("--dataset", type=_dataset_name, default="fashion-mnist")
     z.add_argument("--bases", type=_positive, default=None, help="clean base models trained from scratch "
-                   "(default: n, one per model; fewer is cheaper but siblings leak by weight distance)")
+                   "(default: n, one per model: 14 CPU-minutes for 20 models, measured; "
+                   "fewer is cheaper but siblings leak by weight distance)")
     z.add_argument("--finetune-epochs", type=positive_float, default=None,
                    help="default: the preset's attack epochs")
     z.add_argument("--poison-ratio", type=fraction, default=None,
