@@ -39,6 +39,7 @@ def main() -> None:
     from mesa_lib.common import code_fingerprint, git_state
     from mesa_lib.zoo import grade, norm_baseline_submission
 
+    code = {**git_state(), "fingerprint": code_fingerprint()}  # the version the build runs, read before it
     work = Path(tempfile.mkdtemp(prefix="mesa-zoo-bench-"))
     cmd = [sys.executable, "-m", "mesa_lib", "zoo", "--out", str(work / "zoo"), "--key",
            str(work / "keys" / "key.json"), "--n", str(args.n), "--quiet"]
@@ -70,7 +71,7 @@ def main() -> None:
         "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset") + " nice -n 10 "
                    + " ".join(["python", "-m", "mesa_lib", "zoo", "--out", "<tmp>/zoo", "--key",
                                "<tmp>/keys/key.json", "--n", str(args.n), "--quiet"]),
-        "code": {**git_state(), "fingerprint": code_fingerprint()},
+        "code": code,
         "host": {"cpus": os.cpu_count(), "torch_threads_env": os.environ.get("OMP_NUM_THREADS"),
                  "load_before": round(load_before, 2), "load_during_every_30s": loads,
                  "load_after": round(os.getloadavg()[0], 2),
