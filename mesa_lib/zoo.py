@@ -38,19 +38,23 @@ further from its base than its clean siblings, although both had the same number
 (``--bases 4``) the distance of a model to the mean of its family alone gave AUROC 1.0, and
 on the book's 4-model zoo (one base) the backdoored models lie 1.5-1.7 from the mean, the
 clean ones 0.94-0.95. With one base per model there are no siblings to compare with; a base
-costs about as much as a fine-tune, so this default costs about 1.7 times the shared-base
-build. The capstone chapter shares one base on purpose (to be quick) and asks students to
+costs about as much as a fine-tune, so this default costs more: 14.2 CPU-minutes for 20
+models with the defaults, 2.2 times the 4-shared-base build (measured once on 2 shared
+CPU cores, ``bench/results/zoo_build_cpu.json``; ``bench/bench_zoo_build.py`` remeasures). The capstone chapter shares one base on purpose (to be quick) and asks students to
 find the leak.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import csv
 import json
 import math
 import os
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -59,11 +63,13 @@ import torch
 import torch.nn as nn
 
 from .attack import check_ratio, poison_transform
+from .common import check_writable, seeded
 from .data import DatasetSplits, ImageSet, load_dataset
 from .evaluate import attack_success_rate, clean_accuracy
 from .models import build_model, load_weights, save_weights, train_classifier
 from .presets import Preset, get_preset
 from .triggers import bright_member, canonical_patterns, trigger_from_pattern
+from .validate import check_seed, finite_number, positive_int
 
 __all__ = [
     "ZOO_FORMAT",
@@ -78,7 +84,11 @@ __all__ = [
     "read_submission",
     "grade",
     "leaderboard_line",
+    "class_leaderboard",
+    "format_leaderboard",
     "reference_submission",
+    "output_row_norms",
+    "norm_baseline_submission",
     "write_submission",
 ]
 
@@ -86,6 +96,7 @@ ZOO_FORMAT = "mesa-zoo/1"
 KEY_FORMAT = "mesa-zoo-key/1"
 MANIFEST = "zoo.json"
 SUBMISSION_COLUMNS = ("model", "backdoored_score", "suspected_target")
+_EXTRA = "\0extra"  # csv.DictReader's key for the values of a row beyond its header
 
 
 # --------------------------------------------------------------------------
@@ -104,6 +115,18 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _check_creatable(path: Path, what: str) -> None:
+    """``path`` does not exist and its nearest existing ancestor is a folder this process may write in."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{what} {path}: {ancestor} is a file, not a folder; choose a path inside a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot create files in {ancestor} (read-only or permission denied); "
+                         "choose a writable folder")
+
+
 def _check_paths(out: Path, key: Path) -> None:
     if _inside(key, out):
         raise ValueError(f"the answer key {key} would be inside the zoo folder {out}, which is handed to "
@@ -111,9 +134,11 @@ def _check_paths(out: Path, key: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder; zoos are never overwritten, "
                          "choose another --out")
-    if key.exists():
+    if key.exists() or key.is_symlink():
         raise ValueError(f"the answer key {key} already exists; keys are never overwritten, choose another "
                          "--key (or another --out)")
+    _check_creatable(out, "--out")  # the zoo is assembled beside it, in out.parent
+    _check_creatable(key, "--key")
 
 
 def _draw(g: torch.Generator, high: int) -> int:
@@ -152,6 +177,7 @@ def build_zoo(
     device: str | torch.device | None = None,
     splits: DatasetSplits | None = None,
     progress: bool = True,
+    poison_ratio: float | None = None,
 ) -> dict:
     """Build a zoo of ``n`` models into the folder ``out`` and its answer key into ``key``.
 
@@ -163,29 +189,37 @@ def build_zoo(
     preset's clean-training settings; every zoo model is a copy of one base fine-tuned for
     ``finetune_epochs`` (default: the preset's ``attack_epochs``) at the preset's attack
     learning rate and batch size -- on poisoned batches (the preset's poison ratio) if
-    backdoored, on clean batches otherwise. ``train_limit`` uses the first images of the
-    training set only (tests, the book).
+    backdoored, on clean batches otherwise. ``poison_ratio`` replaces the preset's.
+    ``train_limit`` uses the first images of the training set only (tests, the book).
 
     Never overwrites: ``out`` must not exist or be an empty folder, ``key`` (default
-    :func:`default_key_path`) must not exist and must lie outside ``out``. Returns the key.
+    :func:`default_key_path`) must not exist and must lie outside ``out``; both must be
+    creatable, and every setting valid, before anything is trained (``ValueError``, one line).
+    The models and the manifest follow the umask (students read them); the key is ``0600``.
+    Returns the key.
     """
     t0 = time.perf_counter()
+    # every input is checked here, before any data is loaded or model trained
     preset = get_preset(preset)
-    out = Path(out)
-    key_path = Path(key) if key is not None else default_key_path(out)
-    if isinstance(n, bool) or int(n) != n or n < 1:
-        raise ValueError(f"the zoo needs n >= 1 models, got {n!r}")
-    n = int(n)
+    if poison_ratio is not None:
+        preset = preset.with_(poison_ratio=check_ratio("poison_ratio", poison_ratio))
+    out = Path(out).expanduser()
+    key_path = Path(key).expanduser() if key is not None else default_key_path(out)
+    n = positive_int("the zoo's number of models n", n)
     check_ratio("backdoored_fraction", backdoored_fraction)
-    bases = n if bases is None else int(bases)
-    if not 1 <= bases <= n:
+    bases = n if bases is None else positive_int("bases", bases)
+    if bases > n:
         raise ValueError(f"bases must be in 1..n ({n}), got {bases}")
-    epochs = preset.attack_epochs if finetune_epochs is None else float(finetune_epochs)
-    if epochs <= 0:
-        raise ValueError(f"finetune_epochs must be > 0, got {epochs}")
+    epochs = preset.attack_epochs if finetune_epochs is None else finite_number(
+        "finetune_epochs", finetune_epochs, 0, strict=True)
+    if train_limit is not None:
+        train_limit = positive_int("train_limit", train_limit)
+    seed = secrets.randbelow(2**31 - 1) if seed is None else check_seed(seed, "the zoo's seed")
+    if splits is None:
+        from .datafiles import canonical_name
+
+        dataset = canonical_name(dataset)
     _check_paths(out, key_path)
-    if seed is None:
-        seed = secrets.randbelow(2**31 - 1)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if splits is None:
         splits = load_dataset(dataset, root=root, device=dev, train_limit=train_limit)
@@ -197,8 +231,8 @@ def build_zoo(
     g = torch.Generator().manual_seed(seed + 1)
     base_models = []
     for b in range(bases):
-        torch.manual_seed(_draw(g, 2**31 - 1))
-        m = build_model(preset.model, C, K, S, preset.width).to(dev)
+        with seeded(_draw(g, 2**31 - 1)):  # the initial weights; the caller's random state is kept
+            m = build_model(preset.model, C, K, S, preset.width).to(dev)
         train_classifier(m, splits.train, epochs=preset.clean_epochs, lr=preset.clean_lr,
                          batch_size=preset.batch_size, weight_decay=preset.clean_weight_decay,
                          seed=_draw(g, 2**31 - 1), desc=f"base {b + 1}/{bases}", progress=progress,
@@ -207,8 +241,7 @@ def build_zoo(
 
     models, records = {}, {}
     for i, e in enumerate(plan):
-        m = build_model(preset.model, C, K, S, preset.width).to(dev)
-        m.load_state_dict(base_models[e["base"]].state_dict())
+        m = copy.deepcopy(base_models[e["base"]])  # a copy of its base (no fresh, unseeded initialisation)
         if e["backdoored"]:
             trig = trigger_from_pattern(e["pattern"], C, dark_background=splits.dark_background).to(dev)
             transform = poison_transform(trig, e["target"], preset.poison_ratio)
@@ -254,6 +287,19 @@ def build_zoo(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        key_obj = _write_zoo(tmp, out, key_path, names, models, records, manifest, preset, seed, n, bases, epochs,
+                             backdoored_fraction, splits, K, train_limit, t0)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return key_obj
+
+
+def _write_zoo(tmp, out, key_path, names, models, records, manifest, preset, seed, n, bases, epochs,
+               backdoored_fraction, splits, K, train_limit, t0) -> dict:
+    """Write the models and manifest into ``tmp``, the key (mode 0600) to ``key_path``, then
+    rename ``tmp`` to ``out``; the key is removed again if the rename fails."""
     meta = {"architecture": manifest["architecture"]["model"], "width": preset.width}
     for nm in names:
         save_weights(models[nm], tmp / f"{nm}.safetensors", meta)
@@ -274,15 +320,24 @@ def build_zoo(
                      "train_limit": train_limit, "train_images": len(splits.train)},
         "models": {nm: records[nm] for nm in names},
         "seconds": round(time.perf_counter() - t0, 1),
-        "command": f"python -m mesa_lib zoo --out {out} --n {n} --seed {seed} "
-                   f"--backdoored-fraction {backdoored_fraction}",
+        "command": f"python -m mesa_lib zoo --out {out} --n {n} --seed {seed} --bases {bases} "
+                   f"--backdoored-fraction {backdoored_fraction} --finetune-epochs {epochs:g} "
+                   f"--poison-ratio {preset.poison_ratio:g} --dataset {splits.name}"
+                   + (f" --train-limit {train_limit}" if train_limit is not None else ""),
     }
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(key_path, "x") as fh:  # "x": fails rather than overwrite
-        fh.write(json.dumps(key_obj, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    tmp.replace(out)
+    key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new key folder: the teacher's only
+    # O_EXCL: fails rather than overwrite; 0600: the teacher's eyes only, whatever the umask
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(key_obj, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.replace(out)
+    except BaseException:
+        key_path.unlink(missing_ok=True)
+        raise
     return key_obj
 
 
@@ -349,11 +404,28 @@ def _load_key(key_path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no answer key at {path}")
     try:
-        key = json.loads(path.read_text())
+        key = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"the answer key {path} is not UTF-8 text; give the key JSON that `zoo` wrote") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
+        raise ValueError(f"the answer key {path} is not valid JSON ({err})") from None
     if not isinstance(key, dict) or key.get("format") != KEY_FORMAT:
         raise ValueError(f"{path} is not a {KEY_FORMAT} answer key")
+    bad = f"the answer key {path} is malformed"
+    settings, models = key.get("settings"), key.get("models")
+    if not isinstance(settings, dict) or isinstance(settings.get("num_classes"), bool) \
+            or not isinstance(settings.get("num_classes"), int) or settings["num_classes"] < 1:
+        raise ValueError(f"{bad}: settings.num_classes must be a positive integer")
+    if not isinstance(models, dict) or not models:
+        raise ValueError(f"{bad}: 'models' must map model names to their records")
+    for name, rec in models.items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("backdoored"), bool):
+            raise ValueError(f"{bad}: model {name!r} has no true/false 'backdoored'")
+        t = rec.get("target")
+        if rec["backdoored"] and (isinstance(t, bool) or not isinstance(t, int)
+                                  or not 0 <= t < settings["num_classes"]):
+            raise ValueError(f"{bad}: backdoored model {name!r} has no target class in "
+                             f"0..{settings['num_classes'] - 1}")
     return key
 
 
@@ -368,9 +440,22 @@ def read_submission(path: str | Path, names: list[str], num_classes: int = 10) -
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no submission file at {path}")
+    try:
+        return _read_submission(path, names, num_classes)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}); save the submission as a UTF-8 CSV") from None
+    except csv.Error as err:
+        raise ValueError(f"{path} is not a readable CSV ({err})") from None
+
+
+def _read_submission(path: Path, names: list[str], num_classes: int) -> dict[str, tuple[float, int | None]]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+        reader = csv.DictReader(fh, restkey=_EXTRA)
         header = [h.strip() for h in (reader.fieldnames or [])]
+        twice = sorted({h for h in header if header.count(h) > 1 and h in SUBMISSION_COLUMNS})
+        if twice:
+            raise ValueError(f"{path}: the header names {', '.join(twice)} more than once; keep one column each "
+                             f"(header: {','.join(header)})")
         missing = [c for c in SUBMISSION_COLUMNS if c not in header]
         if missing:
             raise ValueError(f"{path}: the header must name the columns {','.join(SUBMISSION_COLUMNS)}; "
@@ -382,6 +467,9 @@ def read_submission(path: str | Path, names: list[str], num_classes: int = 10) -
             name = (row.get("model") or "").strip()
             if not name and not any((v or "").strip() for v in row.values() if isinstance(v, str)):
                 continue  # blank line
+            if row.get(_EXTRA):
+                raise ValueError(f"{path}, line {line_no}: {len(header) + len(row[_EXTRA])} fields, but the "
+                                 f"header has {len(header)}; one value per column (a comma inside a number?)")
             if name not in known:
                 raise ValueError(f"{path}, line {line_no}: unknown model {name!r} (the zoo has "
                                  f"{names[0]} .. {names[-1]})")
@@ -418,7 +506,10 @@ def read_submission(path: str | Path, names: list[str], num_classes: int = 10) -
 
 def grade(key_path: str | Path, submission: str | Path) -> dict:
     """Score a submission against an answer key: AUROC of detection and target accuracy."""
-    key = _load_key(key_path)
+    return _grade_key(_load_key(key_path), submission)
+
+
+def _grade_key(key: dict, submission: str | Path) -> dict:
     names = sorted(key["models"])
     num_classes = int(key["settings"]["num_classes"])
     rows = read_submission(submission, names, num_classes)
@@ -443,6 +534,45 @@ def leaderboard_line(result: dict, name: str | None = None) -> str:
     ta = "n/a" if math.isnan(result["target_accuracy"]) else f"{result['target_accuracy']:.3f}"
     return (f"{who}: AUROC {au} | target accuracy {ta} ({result['targets_correct']}/{result['n_backdoored']} "
             f"backdoored models) | {result['n_models']} models")
+
+
+def class_leaderboard(key_path: str | Path, folder: str | Path) -> tuple[list[dict], list[str]]:
+    """Grade every ``*.csv`` in ``folder`` against one key: ``(results, errors)``.
+
+    ``results`` are :func:`grade`'s dicts ranked by AUROC, then target accuracy (best first),
+    each with its ``name`` (the file's stem); ``errors`` has one line per submission that
+    could not be graded (``name: reason``) -- one bad file does not stop the others.
+    """
+    key = _load_key(key_path)  # a bad key stops everything: nothing could be graded
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder of submissions at {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
+    if not files:
+        raise ValueError(f"{folder} holds no .csv submission")
+    results, errors = [], []
+    for f in files:
+        try:
+            results.append({**_grade_key(key, f), "name": f.stem})
+        except (ValueError, OSError) as err:
+            errors.append(f"{f.stem}: not graded -- {err}")
+
+    def rank(r: dict) -> tuple[float, float]:
+        return (-(r["auroc"] if not math.isnan(r["auroc"]) else -1.0),
+                -(r["target_accuracy"] if not math.isnan(r["target_accuracy"]) else -1.0))
+
+    results.sort(key=lambda r: (*rank(r), r["name"]))
+    return results, errors
+
+
+def format_leaderboard(results: list[dict]) -> str:
+    """The ranked results of :func:`class_leaderboard` as a plain-text table."""
+    lines = [f"{'rank':>4}  {'submission':<24} {'AUROC':>6}  {'target acc.':>11}  targets"]
+    for i, r in enumerate(results, 1):
+        au = "n/a" if math.isnan(r["auroc"]) else f"{r['auroc']:.3f}"
+        ta = "n/a" if math.isnan(r["target_accuracy"]) else f"{r['target_accuracy']:.3f}"
+        lines.append(f"{i:>4}  {r['name']:<24} {au:>6}  {ta:>11}  {r['targets_correct']}/{r['n_backdoored']}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------
@@ -502,6 +632,35 @@ def reference_submission(
     return rows
 
 
+def output_row_norms(model: nn.Module) -> torch.Tensor:
+    """The L2 norm of each row of a classifier's last linear layer: one number per class."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError("the model has no linear layer; the output-norm baseline needs one")
+    return last[-1].weight.detach().float().norm(dim=1).cpu()
+
+
+def norm_baseline_submission(zoo_dir: str | Path, out: str | Path | None = None) -> list[tuple[str, float, int]]:
+    """The first baseline to beat, which runs no image at all: the weights of each model's
+    output layer.
+
+    A backdoor teaches the model to send a 3x3 patch to one class, and the output row of that
+    class grows: the suspected target is the class with the largest row norm, the score how far
+    it stands out, ``max / median`` of the row norms (:func:`output_row_norms`). Writes the CSV
+    to ``out`` if given; returns the rows. A behaviour-based detector should beat it.
+    """
+    from .common import median
+
+    manifest = load_manifest(zoo_dir)
+    rows = []
+    for entry in manifest["models"]:
+        norms = output_row_norms(load_zoo_model(zoo_dir, entry["name"]))
+        rows.append((entry["name"], float(norms.max() / median(norms)), int(norms.argmax())))
+    if out is not None:
+        write_submission(rows, out)
+    return rows
+
+
 # --------------------------------------------------------------------------
 # Command line (wired into mesa_lib.cli)
 # --------------------------------------------------------------------------
@@ -509,50 +668,85 @@ def reference_submission(
 
 def add_cli(sub) -> None:
     """Add the ``zoo``, ``grade`` and ``zoo-reference`` subcommands to an argparse subparsers."""
-    z = sub.add_parser("zoo", help="build a zoo of clean and backdoored models, answer key apart")
+    from .cli import _dataset_name, _positive, _preset_name, _seed_type, parse_device
+
+    def fraction(value: str) -> float:
+        try:
+            return check_ratio("the value", float(value))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {value!r}") from None
+
+    def positive_float(value: str) -> float:
+        try:
+            return finite_number("the value", float(value), 0, strict=True)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value!r}") from None
+
+    dev = dict(type=parse_device, default=None, metavar="{cpu,cuda,cuda:N}")
+    z = sub.add_parser("zoo", help="build a zoo of clean and backdoored models, answer key apart (mode 0600)")
     z.add_argument("--out", required=True, help="the zoo folder (handed to students); must not exist")
-    z.add_argument("--n", type=int, default=20, help="number of models (default 20)")
-    z.add_argument("--seed", type=int, default=None, help="default: a fresh random seed (kept in the key)")
-    z.add_argument("--backdoored-fraction", type=float, default=0.5)
+    z.add_argument("--n", type=_positive, default=20, help="number of models (default 20)")
+    z.add_argument("--seed", type=_seed_type, default=None,
+                   help="default: a fresh random seed, kept in the key only")
+    z.add_argument("--backdoored-fraction", type=fraction, default=0.5)
     z.add_argument("--key", default=None, help="answer key JSON, outside --out (default: <out>_key.json)")
-    z.add_argument("--preset", default="fast")
-    z.add_argument("--bases", type=int, default=None, help="clean base models trained from scratch "
-                   "(default: n, one per model; fewer is cheaper but siblings leak by weight distance)")
-    z.add_argument("--finetune-epochs", type=float, default=None, help="default: the preset's attack epochs")
-    z.add_argument("--train-limit", type=int, default=None, help="use only the first training images")
-    z.add_argument("--device", default=None)
+    z.add_argument("--preset", type=_preset_name, default="fast")
+    z.add_argument("--dataset", type=_dataset_name, default="fashion-mnist")
+    z.add_argument("--bases", type=_positive, default=None, help="clean base models trained from scratch "
+                   "(default: n, one per model: 14 CPU-minutes for 20 models, measured; "
+                   "fewer is cheaper but siblings leak by weight distance)")
+    z.add_argument("--finetune-epochs", type=positive_float, default=None,
+                   help="default: the preset's attack epochs")
+    z.add_argument("--poison-ratio", type=fraction, default=None,
+                   help="share of each fine-tuning batch poisoned on a backdoored model (default: the preset's)")
+    z.add_argument("--train-limit", type=_positive, default=None, help="use only the first training images")
+    z.add_argument("--device", **dev)
     z.add_argument("--data-root", default=None)
     z.add_argument("--quiet", action="store_true")
 
-    g = sub.add_parser("grade", help="score a zoo submission CSV (model,backdoored_score,suspected_target)")
+    g = sub.add_parser("grade", help="score a zoo submission CSV (model,backdoored_score,suspected_target), "
+                       "or a folder of them as a class leaderboard")
     g.add_argument("--key", required=True, help="the zoo's answer key")
-    g.add_argument("--submission", required=True, help="the CSV to score")
+    g.add_argument("--submission", required=True, help="the CSV to score, or a folder of CSVs (a leaderboard)")
     g.add_argument("--name", default=None, help="name on the leaderboard line (default: the CSV's name)")
 
     r = sub.add_parser("zoo-reference", help="the reference solution: MESA's scan on every zoo model")
     r.add_argument("--zoo", required=True)
     r.add_argument("--out", required=True, help="submission CSV to write")
-    r.add_argument("--steps", type=int, default=None, help="scan steps (default: the preset's)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default=None)
+    r.add_argument("--steps", type=_positive, default=None, help="scan steps (default: the preset's)")
+    r.add_argument("--seed", type=_seed_type, default=0)
+    r.add_argument("--device", **dev)
     r.add_argument("--data-root", default=None)
     r.add_argument("--quiet", action="store_true")
 
 
 def run_cli(args) -> None:
-    """Run one of the subcommands of :func:`add_cli`."""
+    """Run one of the subcommands of :func:`add_cli` (every input checked before any work)."""
     if args.command == "zoo":
         key_path = Path(args.key) if args.key else default_key_path(args.out)
         key = build_zoo(args.out, n=args.n, seed=args.seed, backdoored_fraction=args.backdoored_fraction,
                         key=key_path, preset=args.preset, bases=args.bases, finetune_epochs=args.finetune_epochs,
-                        root=args.data_root, train_limit=args.train_limit, device=args.device,
-                        progress=not args.quiet)
+                        dataset=args.dataset, root=args.data_root, train_limit=args.train_limit,
+                        device=args.device, progress=not args.quiet, poison_ratio=args.poison_ratio)
         print(f"zoo of {key['n']} models ({key['n_backdoored']} backdoored) in {args.out}, "
               f"built in {key['seconds']:.0f} s")
-        print(f"answer key: {key_path} -- keep it away from the students")
+        print(f"answer key: {key_path} (mode 0600) -- keep it away from the students")
     elif args.command == "grade":
-        print(leaderboard_line(grade(args.key, args.submission), args.name))
+        if Path(args.submission).is_dir():
+            results, errors = class_leaderboard(args.key, args.submission)
+            if results:
+                print(format_leaderboard(results))
+            for line in errors:
+                print(line, file=sys.stderr)
+            if not results:
+                raise ValueError(f"none of the {len(errors)} submissions in {args.submission} could be graded")
+        else:
+            print(leaderboard_line(grade(args.key, args.submission), args.name))
     elif args.command == "zoo-reference":
+        load_manifest(args.zoo)  # a zoo folder, before anything is scanned
+        out = check_writable(args.out)  # a folder, an unwritable place: refused here
+        if out.exists() or out.is_symlink():
+            raise ValueError(f"--out {out} already exists; submissions are never overwritten, choose another --out")
         t = time.perf_counter()
         reference_submission(args.zoo, args.out, steps=args.steps, seed=args.seed, device=args.device,
                              root=args.data_root, progress=not args.quiet)
