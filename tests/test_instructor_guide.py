@@ -84,3 +84,26 @@ def test_schedule_points_are_the_sums_of_its_items():
         assert float(row[3]) == sum(points[a - 1:b]), row
         covered += range(a, b + 1)
     assert covered == list(range(1, len(points) + 1))
+
+
+def test_the_capstone_cost_quotes_the_benchmark_records():
+    """The capstone section's cost sentence is Markdown (no glue): every number in it must be
+    the one the committed benchmark records hold, so a re-measured build fails this test until
+    the sentence is updated."""
+    import json
+
+    text = GUIDE.read_text()
+    cost = text.split("**Cost.**", 1)[1].split("**Rubric", 1)[0]
+    build = json.loads((ROOT / "bench" / "results" / "zoo_build_cpu.json").read_text())
+    game = json.loads((ROOT / "bench" / "results" / "zoo_game_cpu.json").read_text())
+    want = {f"{build['n']}-model", f"{build['cpu_min']:.1f} CPU-minutes", f"{build['wall_s'] / 60:.0f} minutes",
+            f"{build['ratio_to_shared_bases']['ratio_user_cpu']:g} times",
+            f"{build['ratio_to_shared_bases']['bases']}-shared-base",
+            f"AUROC {build['norm_baseline']['auroc']:.3f}",
+            f"{build['norm_baseline']['targets_correct']}/{build['norm_baseline']['n_backdoored']} targets",
+            f"{game['reference']['user_cpu_s']:g} CPU-seconds"}
+    flat = " ".join(cost.split())
+    assert all(w in flat for w in want), [w for w in want if w not in flat]
+    quoted = set(re.findall(r"\d+(?:\.\d+)?", flat))
+    allowed = set(re.findall(r"\d+(?:\.\d+)?", " ".join(want))) | {"100", "20", "4"}
+    assert quoted <= allowed, f"numbers in the cost sentence that no record holds: {quoted - allowed}"
