@@ -23,6 +23,8 @@ nbgrader round trip grades it). Its student version is made in two steps:
 Usage::
 
     python scripts/make_handouts.py                  # book/10_exercises.ipynb -> handouts/
+    python scripts/make_handouts.py --nbgrader-source source/mesa   # nbgrader's source, then
+    nbgrader generate_assignment mesa                # a release readable in plain Jupyter
     python scripts/make_handouts.py NB.ipynb --out DIR
 """
 
@@ -214,13 +216,9 @@ def render_myst(source: str, book: Path = BOOK) -> str:
     return text
 
 
-def make_handout(nb: nbformat.NotebookNode, name: str = "notebook", book: Path = BOOK,
-                 use_nbgrader: bool | None = None) -> nbformat.NotebookNode:
-    """The student version of a solved notebook (a new notebook; the input is untouched)."""
-    try:
-        nb = student_version(nb, use_nbgrader)
-    except HandoutError as err:
-        raise HandoutError(f"{name}: {err}") from None
+def _render_cells(nb: nbformat.NotebookNode, name: str, book: Path, title_suffix: str) -> nbformat.NotebookNode:
+    """Step 2 on ``nb`` in place: drop the gated solution cells, render MyST markdown as
+    Jupyter Markdown, and suffix the title."""
     cells = []
     gated = False  # between {solution-start} and {solution-end}: markdown there is solution text
     titled = False
@@ -234,8 +232,11 @@ def make_handout(nb: nbformat.NotebookNode, name: str = "notebook", book: Path =
             if gated:
                 continue
             cell.source = render_myst(cell.source, book)
-            if not titled:
-                cell.source, n = re.subn(r"^(#\s+.+?)[ \t]*$", r"\1 (student version)", cell.source, count=1, flags=re.M)
+            if not cell.source.strip():  # e.g. a cell that held only an instructor-only block
+                continue
+            if not titled and title_suffix:
+                cell.source, n = re.subn(r"^(#\s+.+?)[ \t]*$", rf"\1 {title_suffix}", cell.source, count=1,
+                                         flags=re.M)
                 titled = bool(n)
         cells.append(cell)
     if gated:
@@ -244,18 +245,50 @@ def make_handout(nb: nbformat.NotebookNode, name: str = "notebook", book: Path =
     return nb
 
 
+def make_handout(nb: nbformat.NotebookNode, name: str = "notebook", book: Path = BOOK,
+                 use_nbgrader: bool | None = None) -> nbformat.NotebookNode:
+    """The student version of a solved notebook (a new notebook; the input is untouched)."""
+    try:
+        nb = student_version(nb, use_nbgrader)
+    except HandoutError as err:
+        raise HandoutError(f"{name}: {err}") from None
+    return _render_cells(nb, name, book, "(student version)")
+
+
+def nbgrader_source(nb: nbformat.NotebookNode, name: str = "notebook", book: Path = BOOK) -> nbformat.NotebookNode:
+    """The solved notebook as nbgrader's *source* (a new notebook): solutions, hidden tests and
+    metadata kept, only the markdown made readable in plain Jupyter (step 2 alone), so that
+    ``nbgrader generate_assignment`` releases no instructor-only paragraph, no solution-marker
+    cell and no MyST fence."""
+    return _render_cells(nbformat.from_dict(json.loads(json.dumps(nb))), name, book, "(student version)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="solved notebooks (default: the book's assignment)")
     parser.add_argument("--out", type=Path, default=ROOT / "handouts", help="output folder (default: handouts/)")
     parser.add_argument("--no-nbgrader", action="store_true", help="use the built-in fallback, not nbgrader")
+    parser.add_argument("--nbgrader-source", type=Path, default=None, metavar="DIR",
+                        help="write the SOLVED notebooks, markdown made plain, into DIR as the source of "
+                             "`nbgrader generate_assignment` (e.g. source/mesa), instead of the student version")
     args = parser.parse_args(argv)
     notebooks = args.notebooks or DEFAULT_NOTEBOOKS
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.nbgrader_source is None:
+        args.out.mkdir(parents=True, exist_ok=True)
     for path in notebooks:
         if not path.is_file():
             print(f"error: no notebook at {path}", file=sys.stderr)
             return 2
+        if args.nbgrader_source is not None:
+            args.nbgrader_source.mkdir(parents=True, exist_ok=True)
+            dest = args.nbgrader_source / path.name
+            try:
+                nbformat.write(nbgrader_source(nbformat.read(path, as_version=4), path.name), dest)
+            except HandoutError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+            print(f"{path.name}: nbgrader source (solved, plain markdown) -> {dest}")
+            continue
         try:
             hand = make_handout(nbformat.read(path, as_version=4), path.name,
                                 use_nbgrader=False if args.no_nbgrader else None)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -142,8 +141,10 @@ def _make_course(course: Path) -> Path:
         "c.CourseDirectory.course_id = 'mesa-book'\n"
         "c.Execute.timeout = 300  # seconds per cell (nbgrader's default, 30, is tight on a busy machine)\n"
     )
-    (course / "source" / ASSIGNMENT).mkdir(parents=True)
-    shutil.copy(NOTEBOOK, course / "source" / ASSIGNMENT / NOTEBOOK.name)
+    # the source as the instructor guide makes it: the solved notebook, markdown made plain
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_handouts.py"), str(NOTEBOOK),
+                          "--nbgrader-source", str(course / "source" / ASSIGNMENT)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
     _nbgrader(course, "generate_assignment", ASSIGNMENT, "--force")
 
     solved = nbformat.read(NOTEBOOK, as_version=4)
@@ -177,6 +178,12 @@ def test_student_version_leaks_nothing(course):
                 assert line not in text or line in public, f"solution text leaked into the student version: {line}"
     assert text.count("raise NotImplementedError()") == len(items(solved))
     assert all(c.get("outputs", []) == [] for c in hand.cells if c.cell_type == "code")
+    # readable in plain Jupyter: no instructor-only paragraph, no solution-marker cell, no MyST fence
+    md = "\n".join(c.source for c in hand.cells if c.cell_type == "markdown")
+    assert "instructor-only" not in md and "For instructors" not in md
+    assert not re.search(r"\{(solution|solution-start|solution-end|exercise)\}", md)
+    assert not [c for c in hand.cells if c.cell_type == "markdown" and not c.source.strip()]
+    assert "For instructors" in "\n".join(c.source for c in solved.cells)  # the source had it
 
 
 def test_correct_submission_gets_full_marks(course):
